@@ -1,0 +1,1 @@
+"""Tune-and-compress pipeline."""

@@ -1,0 +1,233 @@
+"""Typed, validated parameters: `params.yaml` -> frozen dataclasses.
+
+`load_params(path)` reads the YAML file and returns a `Params`. Every section is a frozen
+dataclass; an unknown key, a wrong type or an out-of-range value raises `ConfigError` whose
+message names the key path, the value and what is allowed (for example
+``train.lr: got -1; expected a number > 0``). Stage entry points turn that error into one line
+on stderr and exit code 2 (see `pipeline.errors.cli_entry`).
+
+Hyperparameters are never CLI flags: change params.yaml or use `dvc exp run -S key=value`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from pipeline.errors import ConfigError
+
+DATASETS = ("digits", "cifar10", "mnist", "fashion_mnist", "imagefolder")
+
+
+def _check(predicate, allowed: str) -> dict:
+    """Field metadata: a value predicate and the human description of what is allowed."""
+    return {"check": predicate, "allowed": allowed}
+
+
+def _positive(x) -> bool:
+    return x > 0
+
+
+def _fraction(x) -> bool:
+    return 0 < x < 1
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    name: Literal["digits", "cifar10", "mnist", "fashion_mnist", "imagefolder"] = "digits"
+    root: str | None = None  # imagefolder: a folder of class sub-folders of images
+    image_size: int = field(default=32, metadata=_check(lambda x: 4 <= x <= 1024, "4..1024"))
+    val_fraction: float = field(default=0.15, metadata=_check(_fraction, "0 < x < 1"))
+    test_fraction: float = field(default=0.2, metadata=_check(_fraction, "0 < x < 1"))
+    raw_dir: str = "data/raw"  # where torchvision datasets are downloaded / placed by hand
+    download: bool = True
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "cnn"  # cnn | resnet | lenet | mlp | torchvision:<name>
+    widths: tuple[int, ...] = field(
+        default=(32, 64, 128), metadata=_check(lambda t: len(t) > 0 and min(t) > 0, "non-empty")
+    )
+    depth: int = field(default=8, metadata=_check(lambda d: d >= 8 and (d - 2) % 6 == 0, "6n+2"))
+    hidden: tuple[int, ...] = field(
+        default=(256, 128), metadata=_check(lambda t: len(t) > 0 and min(t) > 0, "non-empty")
+    )
+    dropout: float = field(default=0.0, metadata=_check(lambda x: 0 <= x < 1, "0 <= x < 1"))
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = field(default=30, metadata=_check(lambda x: 1 <= x <= 10_000, "1..10000"))
+    lr: float = field(default=0.05, metadata=_check(lambda x: 0 < x <= 10, "0 < lr <= 10"))
+    batch_size: int = field(default=64, metadata=_check(lambda x: 1 <= x <= 65536, "1..65536"))
+    weight_decay: float = field(default=5e-4, metadata=_check(lambda x: 0 <= x < 1, "0..1"))
+    optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
+    momentum: float = field(default=0.9, metadata=_check(lambda x: 0 <= x < 1, "0 <= x < 1"))
+    scheduler: Literal["cosine", "onecycle", "none"] = "onecycle"
+    label_smoothing: float = field(default=0.0, metadata=_check(lambda x: 0 <= x < 1, "0..1"))
+    augment: Literal["auto", "none", "crop", "crop_flip"] = "auto"
+    amp: bool = True  # bf16 autocast on CUDA (ignored on CPU)
+    compile: bool = False  # torch.compile the model (CUDA)
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    enabled: bool = True
+    uri: str | None = None  # default sqlite:///mlflow.db in the project root
+    experiment: str = "tune-compress"
+
+
+@dataclass(frozen=True)
+class Params:
+    seed: int = field(default=0, metadata=_check(lambda x: x >= 0, "an integer >= 0"))
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(dataclasses.asdict(self))
+
+    def hash(self) -> str:
+        """sha256 of the resolved params (canonical JSON), first 16 hex digits."""
+        text = json.dumps(self.to_dict(), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _plain(obj):
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def _describe(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + " | ".join(str(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(tp))
+    if origin is tuple:
+        return f"a list of {_describe(typing.get_args(tp)[0])}"
+    if tp is type(None):
+        return "null"
+    if tp is bool:
+        return "true or false"
+    return {int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
+
+
+def _coerce(value, tp, key: str):
+    """Return `value` as type `tp`, or raise ConfigError naming `key`."""
+    origin = typing.get_origin(tp)
+    bad = ConfigError(f"{key}: got {value!r}; expected {_describe(tp)}")
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise bad
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                continue
+        raise bad
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise bad
+        item_type = typing.get_args(tp)[0]
+        return tuple(_coerce(v, item_type, f"{key}[{i}]") for i, v in enumerate(value))
+    if tp is type(None):
+        if value is not None:
+            raise bad
+        return None
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise bad
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise bad
+        return value
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value, key)
+    raise TypeError(f"unsupported config type {tp} at {key}")
+
+
+def build(cls, raw: Any, prefix: str = ""):
+    """Build dataclass `cls` from a mapping, validating every key (recursively)."""
+    where = prefix or "params"
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: got {raw!r}; expected a mapping of keys")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(raw) - set(names))
+    if unknown:
+        key = f"{prefix}.{unknown[0]}" if prefix else str(unknown[0])
+        raise ConfigError(f"{key}: unknown key; allowed keys: {', '.join(names)}")
+    values = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in raw:
+            continue
+        key = f"{prefix}.{f.name}" if prefix else f.name
+        value = _coerce(raw[f.name], hints[f.name], key)
+        check = f.metadata.get("check")
+        if check is not None and value is not None and not check(value):
+            raise ConfigError(f"{key}: got {raw[f.name]!r}; expected {f.metadata['allowed']}")
+        values[f.name] = value
+    obj = cls(**values)
+    validate = getattr(obj, "validate", None)
+    if validate is not None:
+        validate()
+    return obj
+
+
+def _validate_params(p: Params) -> None:
+    if p.data.val_fraction + p.data.test_fraction >= 0.9:
+        raise ConfigError(
+            f"data.val_fraction + data.test_fraction: got "
+            f"{p.data.val_fraction + p.data.test_fraction:g}; expected < 0.9 (training needs data)"
+        )
+    if p.data.name == "imagefolder" and not p.data.root:
+        raise ConfigError("data.root: got None; expected a folder of class sub-folders of images")
+    from pipeline.models import check_model_name
+
+    check_model_name(p.model.name)
+
+
+def parse_params(raw: Any) -> Params:
+    params = build(Params, raw)
+    _validate_params(params)
+    return params
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate a params file. Raises ConfigError with the key path on bad input."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: params file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    return parse_params(raw)

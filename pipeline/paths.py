@@ -1,0 +1,26 @@
+"""Every path the pipeline reads or writes, in one place (dvc.yaml names the same ones).
+
+Paths are relative to the project root, which is the working directory DVC runs stages in.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+PARAMS = Path("params.yaml")
+RAW_DIR = Path("data/raw")
+PREPARED_DIR = Path("data/prepared")
+DATASET_JSON = PREPARED_DIR / "dataset.json"
+MODELS_DIR = Path("models")
+BASELINE_CKPT = MODELS_DIR / "baseline.pt"
+TUNED_CKPT = MODELS_DIR / "tuned.pt"
+COMPRESSED_DIR = MODELS_DIR / "compressed"
+METRICS_DIR = Path("metrics")
+PLOTS_DIR = Path("plots")
+STUDIES_DIR = Path("studies")
+EXPORT_DIR = Path("exported_models")
+MLFLOW_DB = Path("mlflow.db")
+
+
+def split_file(split: str, prepared_dir: Path = PREPARED_DIR) -> Path:
+    return prepared_dir / f"{split}.pt"

@@ -1,0 +1,113 @@
+"""train stage: train the baseline model with `train.*` on the prepared data.
+
+Reads: params.yaml (`seed`, `device`, `model`, `train`, `tracking`), `data/prepared/`.
+Writes: `models/baseline.pt` (checkpoint with arch, config and classes), `metrics/train.json`,
+`plots/train_curve.csv`, `plots/train_curve.png`; one MLflow run with params, per-epoch metrics
+and the plot. Run: `dvc repro train`, `pipeline train` or `python -m pipeline.train`.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from pipeline import paths
+from pipeline.checkpoint import arch_spec, build_model, save_checkpoint
+from pipeline.config import Params, TrainConfig, load_params
+from pipeline.data import DeviceData, load_prepared
+from pipeline.engine import EpochCallback, FitResult, evaluate, fit, resolve_device
+from pipeline.errors import StageFailed, cli_entry
+from pipeline.io import write_json
+from pipeline.plots import training_curves, write_csv
+from pipeline.tracking import stage_run
+
+
+@dataclass
+class TrainOutcome:
+    model: nn.Module
+    arch: dict
+    fit: FitResult
+    metrics: dict
+
+
+def load_device_data(params: Params) -> DeviceData:
+    device = resolve_device(params.device)
+    return DeviceData(load_prepared(paths.PREPARED_DIR), device, device.type == "cuda")
+
+
+def train_and_evaluate(
+    params: Params,
+    data: DeviceData,
+    train_cfg: TrainConfig | None = None,
+    *,
+    on_epoch: EpochCallback | None = None,
+    description: str = "train",
+) -> TrainOutcome:
+    """Build the registry model (seeded), train it with the engine, score val and test."""
+    train_cfg = train_cfg or params.train
+    arch = arch_spec(params, data.info)
+    torch.manual_seed(params.seed)
+    model = build_model(arch)
+    result = fit(
+        model, data, train_cfg, seed=params.seed, on_epoch=on_epoch, description=description
+    )
+    metrics = {"status": result.status, "message": result.message}
+    if result.status == "ok":
+        _, val_accuracy = evaluate(model, data.x["val"], data.y["val"], train_cfg.amp)
+        test_loss, test_accuracy = evaluate(model, data.x["test"], data.y["test"], train_cfg.amp)
+        metrics.update(
+            val_accuracy=round(val_accuracy, 6),
+            test_accuracy=round(test_accuracy, 6),
+            test_loss=round(test_loss, 6),
+        )
+    metrics.update(
+        epochs=result.epochs_run,
+        train_seconds=round(result.train_seconds, 3),
+        images_per_second=round(result.images_per_second, 1),
+        device=result.device,
+        params=sum(p.numel() for p in model.parameters()),
+    )
+    return TrainOutcome(model, arch, result, metrics)
+
+
+def run(params: Params, on_epoch: EpochCallback | None = None) -> TrainOutcome:
+    return train_and_evaluate(params, load_device_data(params), on_epoch=on_epoch)
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> None:
+    params = load_params(paths.PARAMS)
+    info = load_prepared(paths.PREPARED_DIR).info
+    with stage_run("train", params, info["sha256"]["all"]) as tracker:
+        tracker.log_params(params.to_dict())
+        outcome = run(params, on_epoch=lambda epoch, m: tracker.log_metrics(m, step=epoch))
+        if outcome.fit.status != "ok":
+            tracker.set_tags({"status": outcome.fit.status})
+            raise StageFailed(f"train: {outcome.fit.message}; lower train.lr")
+        save_checkpoint(
+            paths.BASELINE_CKPT, outcome.model, outcome.arch, params, info, outcome.metrics
+        )
+        write_json(paths.METRICS_DIR / "train.json", outcome.metrics)
+        write_csv(paths.PLOTS_DIR / "train_curve.csv", outcome.fit.history)
+        training_curves(
+            outcome.fit.history,
+            paths.PLOTS_DIR / "train_curve.png",
+            f"baseline {params.model.name} on {info['name']}",
+        )
+        per_epoch = set(outcome.fit.history[0])
+        tracker.log_metrics({k: v for k, v in outcome.metrics.items() if k not in per_epoch})
+        tracker.log_artifact(paths.PLOTS_DIR / "train_curve.png", "plots")
+    m = outcome.metrics
+    print(
+        f"baseline {params.model.name}: val {m['val_accuracy']:.4f}, test "
+        f"{m['test_accuracy']:.4f}, {m['epochs']} epochs in {m['train_seconds']:.1f}s "
+        f"({m['images_per_second']:.0f} img/s on {m['device']})",
+        file=sys.stderr,
+    )
+
+
+if __name__ == "__main__":
+    main()

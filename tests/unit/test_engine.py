@@ -1,0 +1,112 @@
+import dataclasses
+
+import pytest
+import torch
+
+from pipeline.checkpoint import arch_spec, build_model, load_checkpoint, save_checkpoint
+from pipeline.config import parse_params
+from pipeline.data import DeviceData, prepare
+from pipeline.engine import augment_batch, fit, predict_logits, resolve_device
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return prepare(parse_params({}).data, seed=0)
+
+
+def _setup(digits, raw):
+    params = parse_params(raw)
+    data = DeviceData(digits, torch.device("cpu"))
+    torch.manual_seed(params.seed)
+    return params, data, build_model(arch_spec(params, data.info))
+
+
+def test_fit_learns_and_is_deterministic_on_cpu(digits, tiny_params):
+    runs = []
+    for _ in range(2):
+        params, data, model = _setup(digits, tiny_params)
+        result = fit(model, data, params.train, seed=params.seed, progress=False)
+        runs.append((result, model))
+    (a, model_a), (b, model_b) = runs
+    assert a.status == "ok" and a.epochs_run == tiny_params["train"]["epochs"]
+    assert a.val_accuracy > 0.85  # 10 classes: chance is 0.1
+    assert a.history[-1]["train_loss"] < a.history[0]["train_loss"]
+    strip = [{k: v for k, v in h.items() if k != "seconds"} for h in a.history]
+    assert strip == [{k: v for k, v in h.items() if k != "seconds"} for h in b.history]
+    for pa, pb in zip(model_a.state_dict().values(), model_b.state_dict().values(), strict=True):
+        assert torch.equal(pa, pb)
+    assert a.images_per_second > 0
+
+
+def test_other_seed_gives_other_result(digits, tiny_params):
+    params, data, model = _setup(digits, tiny_params)
+    a = fit(model, data, params.train, seed=0, epochs=1, progress=False)
+    params, data, model = _setup(digits, tiny_params)
+    b = fit(model, data, params.train, seed=1, epochs=1, progress=False)
+    assert a.history[0]["train_loss"] != b.history[0]["train_loss"]
+
+
+def test_nan_loss_stops_with_a_clear_status(digits, tiny_params):
+    params, data, model = _setup(digits, tiny_params)
+    data.x["train"][5, 0, 3, 3] = float("nan")  # one corrupt pixel poisons loss and weights
+    seen = []
+    result = fit(model, data, params.train, progress=False, on_epoch=lambda e, m: seen.append(e))
+    assert result.status == "diverged"
+    assert "nan" in result.message or "inf" in result.message
+    assert "epoch 1" in result.message
+    assert seen == [] and result.epochs_run == 0
+
+
+def test_on_epoch_called_each_epoch_and_may_stop_training(digits, tiny_params):
+    params, data, model = _setup(digits, tiny_params)
+
+    class Stop(Exception):
+        pass
+
+    calls = []
+
+    def on_epoch(epoch, metrics):
+        calls.append((epoch, metrics["val_accuracy"]))
+        if epoch == 2:
+            raise Stop
+
+    with pytest.raises(Stop):
+        fit(model, data, params.train, on_epoch=on_epoch, progress=False)
+    assert [e for e, _ in calls] == [1, 2]
+    assert all(0 <= acc <= 1 for _, acc in calls)
+
+
+def test_checkpoint_round_trip_weights_only_identical_outputs(digits, tiny_params, tmp_path):
+    params, data, model = _setup(digits, tiny_params)
+    fit(model, data, dataclasses.replace(params.train, epochs=1), progress=False)
+    path = tmp_path / "m.pt"
+    save_checkpoint(path, model, arch_spec(params, data.info), params, data.info, {"x": 1.0})
+    blob = torch.load(path, weights_only=True)  # plain data only: no pickled module
+    assert blob["config"] == params.to_dict()
+    assert blob["classes"] == data.info["classes"]
+    assert blob["normalization"]["mean"] == data.info["mean"]
+    rebuilt, _ = load_checkpoint(path)
+    x = data.x["test"]
+    assert torch.equal(predict_logits(model, x), predict_logits(rebuilt, x))
+
+
+def test_augment_crop_shifts_content_and_flip_mirrors():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.arange(2 * 3 * 16 * 16, dtype=torch.float32).view(2, 3, 16, 16) + 1
+    assert augment_batch(x, "none", gen) is x
+    out = augment_batch(x, "crop", gen)
+    assert out.shape == x.shape
+    # every output row/column is a shifted window of the input (or zero padding)
+    for i in range(2):
+        nonzero = out[i, 0][out[i, 0] != 0]
+        assert set(nonzero.tolist()) <= set(x[i, 0].flatten().tolist())
+    flips = augment_batch(x.repeat(50, 1, 1, 1), "crop_flip", gen)
+    # with flips, some windows have decreasing values along the width
+    decreasing = (flips[:, 0, 8, 3] > flips[:, 0, 8, 4]).float().mean().item()
+    assert 0.2 < decreasing < 0.8
+
+
+def test_resolve_device():
+    assert resolve_device("cpu").type == "cpu"
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert resolve_device("auto").type == expected
