@@ -1,6 +1,9 @@
-"""`pipeline` command: one sub-command per stage (same as `python -m pipeline.<stage>`).
+"""`pipeline` command: one sub-command per stage, plus `predict`.
 
-pipeline prepare | train
+    pipeline prepare | train | search | compress | export     (same as python -m pipeline.<stage>)
+    pipeline predict MODEL.onnx IMAGE... [--top-k K] [--device auto|cpu|cuda] [--json]
+
+Stages read params.yaml in the working directory; hyperparameters are never flags.
 """
 
 from __future__ import annotations
@@ -9,9 +12,13 @@ import argparse
 import importlib
 import sys
 
-STAGES = {
+COMMANDS = {
     "prepare": "split the dataset into data/prepared/",
     "train": "train the baseline model",
+    "search": "Optuna search over lr / batch size / weight decay, retrain the best",
+    "compress": "prune, fine-tune and quantize the tuned model",
+    "export": "export ONNX models with metadata, check parity and the GPU, time them",
+    "predict": "classify images with an exported ONNX model",
 }
 
 
@@ -20,9 +27,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="pipeline", description="Tune, compress and export PyTorch image classifiers."
     )
-    sub = parser.add_subparsers(dest="command", required=True)
-    for name, help_text in STAGES.items():
-        sub.add_parser(name, help=help_text, description=f"Run the {name} stage (params.yaml).")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, help_text in COMMANDS.items():
+        # Each command parses its own arguments (so `pipeline predict --help` is predict's).
+        sub.add_parser(name, help=help_text, add_help=False)
     args, rest = parser.parse_known_args(argv)
     importlib.import_module(f"pipeline.{args.command}").main(rest)
 

@@ -86,6 +86,73 @@ class TrackingConfig:
     experiment: str = "tune-compress"
 
 
+def _bounds(t) -> bool:
+    return len(t) == 2 and 0 < t[0] < t[1]
+
+
+@dataclass(frozen=True)
+class SpaceConfig:
+    lr: tuple[float, ...] = field(
+        default=(1e-3, 1.0),
+        metadata=_check(_bounds, "[low, high] with 0 < low < high (log-uniform)"),
+    )
+    batch_size: tuple[int, ...] = field(
+        default=(32, 64, 128),
+        metadata=_check(lambda t: len(t) > 0 and min(t) >= 1, "a non-empty list of integers >= 1"),
+    )
+    weight_decay: tuple[float, ...] = field(
+        default=(1e-6, 1e-2),
+        metadata=_check(_bounds, "[low, high] with 0 < low < high (log-uniform)"),
+    )
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    n_trials: int = field(default=24, metadata=_check(lambda x: 1 <= x <= 100_000, "1..100000"))
+    timeout_s: float | None = field(default=None, metadata=_check(_positive, "> 0 or null"))
+    epochs: int = field(default=12, metadata=_check(lambda x: 1 <= x <= 10_000, "1..10000"))
+    min_epochs: int = field(default=1, metadata=_check(lambda x: x >= 1, ">= 1"))
+    sampler: Literal["tpe", "random", "cmaes", "qmc"] = "tpe"
+    pruner: Literal["hyperband", "median", "none"] = "hyperband"
+    storage: str = "sqlite:///studies/optuna.db"
+    study_name: str | None = None  # default: derived from dataset, model and search space
+    workers: int = field(default=1, metadata=_check(lambda x: 1 <= x <= 256, "1..256"))
+    space: SpaceConfig = SpaceConfig()
+
+    def validate(self) -> None:
+        if self.min_epochs > self.epochs:
+            raise ConfigError(
+                f"search.min_epochs: got {self.min_epochs}; expected <= search.epochs "
+                f"({self.epochs})"
+            )
+
+
+@dataclass(frozen=True)
+class CompressConfig:
+    prune_ratio: float = field(default=0.5, metadata=_check(lambda x: 0 <= x < 1, "0 <= x < 1"))
+    prune_steps: int = field(default=2, metadata=_check(lambda x: 1 <= x <= 100, "1..100"))
+    finetune_epochs: int = field(default=8, metadata=_check(lambda x: x >= 0, ">= 0"))
+    round_to: int = field(default=8, metadata=_check(lambda x: x >= 1, ">= 1"))
+    calibration_images: int = field(default=256, metadata=_check(lambda x: x >= 1, ">= 1"))
+    calibration_method: Literal["minmax", "entropy", "percentile"] = "minmax"
+    max_accuracy_drop: float = field(default=0.01, metadata=_check(lambda x: 0 <= x <= 1, "0..1"))
+    backoff_steps: int = field(default=4, metadata=_check(lambda x: 0 <= x <= 20, "0..20"))
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    opset: int | None = field(default=None, metadata=_check(lambda x: 7 <= x <= 30, "7..30"))
+    parity_atol: float = field(default=1e-4, metadata=_check(_positive, "> 0"))
+    min_top1_agreement: float = field(
+        default=0.99, metadata=_check(lambda x: 0 < x <= 1, "0 < x <= 1")
+    )
+    require_gpu: bool = False
+    warmup_runs: int = field(default=10, metadata=_check(lambda x: x >= 0, ">= 0"))
+    latency_runs: int = field(default=100, metadata=_check(lambda x: x >= 1, ">= 1"))
+    benchmark_batch: int = field(default=64, metadata=_check(lambda x: x >= 1, ">= 1"))
+    registered_model: str = "tune-compress-classifier"
+
+
 @dataclass(frozen=True)
 class Params:
     seed: int = field(default=0, metadata=_check(lambda x: x >= 0, "an integer >= 0"))
@@ -94,6 +161,9 @@ class Params:
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
     tracking: TrackingConfig = TrackingConfig()
+    search: SearchConfig = SearchConfig()
+    compress: CompressConfig = CompressConfig()
+    export: ExportConfig = ExportConfig()
 
     def to_dict(self) -> dict[str, Any]:
         return _plain(dataclasses.asdict(self))

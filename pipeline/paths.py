@@ -24,3 +24,11 @@ MLFLOW_DB = Path("mlflow.db")
 
 def split_file(split: str, prepared_dir: Path = PREPARED_DIR) -> Path:
     return prepared_dir / f"{split}.pt"
+
+
+# compress stage outputs (read by export)
+PRUNED_CKPT = COMPRESSED_DIR / "pruned.pt"
+DENSE_FP32_ONNX = COMPRESSED_DIR / "dense_fp32.onnx"
+PRUNED_FP32_ONNX = COMPRESSED_DIR / "pruned_fp32.onnx"
+PRUNED_INT8_ONNX = COMPRESSED_DIR / "pruned_int8.onnx"
+PRUNED_FP16_ONNX = COMPRESSED_DIR / "pruned_fp16.onnx"

@@ -1,0 +1,126 @@
+"""The one ONNX helper: export, metadata, checks and ONNX Runtime sessions for every stage.
+
+- `export_onnx(model, path, input_shape)`: `torch.onnx.export(dynamo=True, external_data=False)`
+  with a dynamic batch axis (input `input`, NCHW float32; output `logits`), `onnx.checker` full
+  check, optional `metadata_props`, written atomically.
+- `write_metadata` / `read_metadata`: string key/values in the model's `metadata_props`
+  (values that are not strings are stored as JSON).
+- `providers(device)`: the ONNX Runtime providers to ask for. CUDA / TensorRT are requested only
+  when `torch.cuda.is_available()`: ONNX Runtime lists them even without a GPU and prints load
+  errors when asked for them.
+- `make_session(path, device)` -> (session, the provider that really runs it);
+  `run_logits(session, x)` runs batches of a float32 NCHW array.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from pipeline.io import atomic_path
+
+INPUT_NAME = "input"
+OUTPUT_NAME = "logits"
+
+
+def write_metadata(model_proto: onnx.ModelProto, metadata: dict) -> onnx.ModelProto:
+    """Set `metadata_props` (replacing keys already there). Non-strings are stored as JSON."""
+    existing = {p.key: p.value for p in model_proto.metadata_props}
+    for key, value in metadata.items():
+        existing[key] = value if isinstance(value, str) else json.dumps(value)
+    del model_proto.metadata_props[:]
+    for key, value in existing.items():
+        model_proto.metadata_props.add(key=key, value=value)
+    return model_proto
+
+
+def read_metadata(path_or_proto) -> dict[str, str]:
+    """`metadata_props` as a dict of strings (use `json.loads` for structured values)."""
+    if isinstance(path_or_proto, onnx.ModelProto):
+        proto = path_or_proto
+    else:
+        proto = onnx.load(str(path_or_proto), load_external_data=False)
+    return {p.key: p.value for p in proto.metadata_props}
+
+
+def save_model(model_proto: onnx.ModelProto, path: str | Path, check: bool = True) -> None:
+    """Full `onnx.checker` check, then an atomic write (a single file, no external data)."""
+    if check:
+        onnx.checker.check_model(model_proto, full_check=True)
+    with atomic_path(path) as tmp:
+        onnx.save_model(model_proto, str(tmp), save_as_external_data=False)
+
+
+def export_onnx(
+    model: nn.Module,
+    path: str | Path,
+    input_shape: tuple[int, int, int],
+    metadata: dict | None = None,
+    opset: int | None = None,
+) -> onnx.ModelProto:
+    """Export `model` (CPU, eval, float32) with a dynamic batch axis; returns the saved proto."""
+    model = model.eval().cpu().float().to(memory_format=torch.contiguous_format)
+    example = torch.zeros(2, *input_shape)
+    kwargs = {"opset_version": opset} if opset else {}
+    # The exporter prints progress lines on stdout; keep stage output readable.
+    with contextlib.redirect_stdout(io.StringIO()):
+        program = torch.onnx.export(
+            model,
+            (example,),
+            dynamo=True,
+            external_data=False,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_shapes=({0: torch.export.Dim("batch")},),
+            **kwargs,
+        )
+    proto = program.model_proto
+    if metadata:
+        write_metadata(proto, metadata)
+    save_model(proto, path)
+    return proto
+
+
+def providers(device: str = "auto") -> list[str]:
+    """Providers to request, best first; GPU ones only when CUDA really works here."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    chosen = []
+    if device in ("auto", "cuda") and torch.cuda.is_available():
+        chosen = [p for p in ("CUDAExecutionProvider",) if p in available]
+    return chosen + ["CPUExecutionProvider"]
+
+
+def make_session(path: str | Path, device: str = "auto", threads: int | None = None):
+    """(InferenceSession, provider that runs it). Quiet: warnings go to ORT's log, not stderr."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only
+    if threads:
+        options.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(path), sess_options=options, providers=providers(device))
+    return session, session.get_providers()[0]
+
+
+def run_logits(session, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """Run a float32 NCHW array through `session` in batches; float32 logits."""
+    name = session.get_inputs()[0].name
+    outs = [
+        session.run(None, {name: np.ascontiguousarray(x[i : i + batch_size], dtype=np.float32)})[0]
+        for i in range(0, len(x), batch_size)
+    ]
+    return np.concatenate(outs).astype(np.float32)
+
+
+def file_size(path: str | Path) -> int:
+    return os.path.getsize(path)

@@ -1,0 +1,33 @@
+"""One real `dvc repro` of the whole pipeline on a copy of the project, shared by e2e tests.
+
+Tests that change the copy (params, a second repro) must run last: they are collected from
+`test_zz_*.py` files, or restore what they change.
+"""
+
+import subprocess
+
+import pytest
+
+from tests.conftest import TINY_PARAMS, copy_project, subprocess_env, write_params
+
+
+def dvc(project, *args):
+    proc = subprocess.run(
+        ["dvc", *args],
+        cwd=project,
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        timeout=1800,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout + proc.stderr
+
+
+@pytest.fixture(scope="session")
+def e2e_project(tmp_path_factory):
+    """(project folder, dvc repro output) after one full `dvc repro` with TINY_PARAMS."""
+    project = copy_project(tmp_path_factory.mktemp("e2e") / "project")
+    write_params(project, TINY_PARAMS)
+    output = dvc(project, "repro")
+    return project, output
