@@ -1,0 +1,318 @@
+"""compress stage: real Torch-Pruning, real ONNX Runtime sessions, a real MLflow sqlite store."""
+
+import copy
+import dataclasses
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from torch import nn
+
+from pipeline import compress, onnx_tools
+from pipeline.checkpoint import (
+    arch_spec,
+    build_model,
+    load_checkpoint,
+    pruned_spec,
+    save_checkpoint,
+)
+from pipeline.config import parse_params
+from pipeline.data import DeviceData, prepare, save_prepared
+from pipeline.engine import fit, predict_logits
+from tests.conftest import write_params
+
+PRUNABLE = ["cnn", "resnet", "lenet", "torchvision:resnet18"]
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return prepare(parse_params({}).data, seed=0)
+
+
+@pytest.fixture(scope="module")
+def data(digits):
+    return DeviceData(digits, torch.device("cpu"))
+
+
+@pytest.fixture(scope="module")
+def trained(data, tmp_path_factory):
+    """(params, model, checkpoint path): the tiny cnn trained 4 epochs, as the tuned model."""
+    from tests.conftest import TINY_PARAMS
+
+    params = parse_params(copy.deepcopy(TINY_PARAMS))
+    torch.manual_seed(0)
+    arch = arch_spec(params, data.info)
+    model = build_model(arch)
+    fit(model, data, params.train, seed=0, progress=False)
+    path = tmp_path_factory.mktemp("tuned") / "tuned.pt"
+    save_checkpoint(path, model, arch, params, data.info, {"test_accuracy": 0.9})
+    return params, model.eval(), path
+
+
+def _plain(value) -> bool:
+    """True when `value` holds only tensors and plain Python data (no module, no callable)."""
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _plain(v) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return all(_plain(v) for v in value)
+    return value is None or isinstance(value, (torch.Tensor, str, int, float, bool))
+
+
+@pytest.mark.parametrize("name", PRUNABLE)
+def test_pruning_reduces_macs_and_the_checkpoint_rebuilds_exactly(name, data, tmp_path):
+    params = parse_params(
+        {"model": {"name": name, "widths": [32, 64]}, "compress": {"finetune_epochs": 0}}
+    )
+    arch = arch_spec(params, data.info)
+    torch.manual_seed(0)
+    model = build_model(arch)
+    with torch.no_grad():  # non-trivial batch-norm statistics, so the rebuild has to carry them
+        model.train()(data.x["train"][:256])
+    example = data.x["train"][:1]
+    macs_before, params_before = compress.count_macs_params(model, example)
+    compress.prune_and_finetune(model, data, 0.5, params.compress, params.train)
+    macs_after, params_after = compress.count_macs_params(model, example)
+    assert macs_after < 0.8 * macs_before and params_after < 0.8 * params_before
+
+    dense = build_model(arch)
+    spec = pruned_spec(dense, model)
+    assert spec["layers"] and spec["shapes"]
+    for layer in spec["layers"].values():  # pruned widths are multiples of round_to (8)
+        for attr in ("out_channels", "out_features"):
+            assert layer.get(attr, 8) % 8 == 0
+    head = compress.protected_layers(model, example)[0]  # the classifier keeps every class
+    assert getattr(head, "out_features", None) == 10 and head.in_features % 8 == 0
+
+    path = tmp_path / "pruned.pt"
+    save_checkpoint(path, model, arch | {"pruned": spec}, params, data.info, {})
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    assert _plain(blob)
+    rebuilt, _ = load_checkpoint(path)
+    assert compress.count_macs_params(rebuilt, example) == (macs_after, params_after)
+    x = data.x["test"]
+    assert torch.equal(predict_logits(model.eval(), x), predict_logits(rebuilt, x))
+
+
+def test_torchvision_adapter_keeps_three_channels(data):
+    params = parse_params({"model": {"name": "torchvision:resnet18"}})
+    model = build_model(arch_spec(params, data.info))
+    compress.prune_and_finetune(
+        model, data, 0.5, dataclasses.replace(params.compress, finetune_epochs=0), params.train
+    )
+    assert model.adapt.out_channels == 3 and model.body.conv1.in_channels == 3
+    assert model.body.conv1.out_channels == 32 and model.body.fc.out_features == 10
+
+
+def test_finetune_schedule_splits_epochs_between_steps():
+    cfg = parse_params({}).compress
+    schedule = compress.finetune_schedule
+    assert schedule(dataclasses.replace(cfg, prune_steps=1, finetune_epochs=8)) == [8]
+    assert schedule(dataclasses.replace(cfg, prune_steps=3, finetune_epochs=8)) == [2, 2, 8]
+    assert schedule(dataclasses.replace(cfg, prune_steps=4, finetune_epochs=2)) == [1, 1, 1, 2]
+    assert schedule(dataclasses.replace(cfg, prune_steps=2, finetune_epochs=0)) == [0, 0]
+
+
+def _attempt(ok_up_to: float):
+    """Stands in for prune-and-score: within budget up to `ok_up_to`, accuracy falls with ratio."""
+
+    def attempt(ratio):
+        return compress.PruneAttempt(ratio, 1 - ratio, 100, 10, ratio <= ok_up_to, "ok")
+
+    return attempt
+
+
+def test_backoff_bisects_to_the_largest_ratio_within_budget():
+    chosen, tried = compress.search_ratio(0.8, 4, _attempt(0.3))
+    assert [a.ratio for a in tried] == [0.8, 0.4, 0.2, 0.3, 0.35]
+    assert chosen.ratio == 0.3 and chosen.within_budget
+    chosen, tried = compress.search_ratio(0.5, 4, _attempt(0.9))
+    assert [a.ratio for a in tried] == [0.5] and chosen.ratio == 0.5
+    chosen, tried = compress.search_ratio(0.8, 2, _attempt(0.01))
+    assert [a.ratio for a in tried] == [0.8, 0.4, 0.2]
+    assert not chosen.within_budget and chosen.ratio == 0.2  # the most accurate tried
+    chosen, tried = compress.search_ratio(0.8, 0, _attempt(0.01))
+    assert len(tried) == 1 and not chosen.within_budget
+
+
+def test_judge_allows_exactly_the_budget():
+    assert compress.judge(0.97, 0.98, 0.01)[0]
+    assert compress.judge(0.99, 0.98, 0.0)[0]
+    accepted, reason = compress.judge(0.96, 0.98, 0.01)
+    assert not accepted
+    assert "loses 2.00 points" in reason and "max_accuracy_drop allows 1.00" in reason
+
+
+@pytest.fixture(scope="module")
+def fp32_model(trained, data, tmp_path_factory):
+    path = tmp_path_factory.mktemp("onnx") / "fp32.onnx"
+    onnx_tools.export_onnx(trained[1], path, (1, 8, 8), {"classes": list("0123456789")})
+    return path
+
+
+def _top1(path, x):
+    session, _ = onnx_tools.make_session(path, "cpu")
+    return onnx_tools.run_logits(session, x).argmax(1)
+
+
+@pytest.mark.parametrize("method", ["minmax", "entropy", "percentile"])
+def test_int8_is_qdq_quint8_per_channel_and_agrees_with_fp32(method, fp32_model, data, tmp_path):
+    x = compress._numpy(data.x["test"])
+    calibration = compress.calibration_images(data, 64, seed=0)
+    assert calibration.shape == (64, 1, 8, 8)
+    int8_path = tmp_path / "int8.onnx"
+    proto = onnx_tools.quantize_int8(fp32_model, int8_path, calibration, method, metadata={"v": 1})
+    agreement = (_top1(int8_path, x) == _top1(fp32_model, x)).mean()
+    assert agreement >= 0.99
+    # graph overhead dominates this 8.6k-parameter model; the weights themselves are 4x smaller
+    assert int8_path.stat().st_size < 0.7 * fp32_model.stat().st_size
+    ops = {n.op_type for n in proto.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear", "Conv"} <= ops
+    inits = {i.name: i for i in proto.graph.initializer}
+    quantize_zero_points = [
+        inits[n.input[2]] for n in proto.graph.node if n.op_type == "QuantizeLinear"
+    ]
+    assert quantize_zero_points and all(
+        z.data_type == onnx.TensorProto.UINT8 for z in quantize_zero_points
+    )  # QUInt8 activations
+    weight_scales = [
+        onnx.numpy_helper.to_array(inits[n.input[1]])
+        for n in proto.graph.node
+        if n.op_type == "DequantizeLinear"
+        and inits.get(n.input[0]) is not None
+        and inits[n.input[0]].data_type == onnx.TensorProto.INT8
+    ]
+    assert len(weight_scales) == 3  # both convs and the classifier hold int8 weights
+    assert any(s.size > 1 for s in weight_scales)  # per-channel weight scales
+    meta = onnx_tools.read_metadata(int8_path)
+    assert json.loads(meta["classes"]) == list("0123456789") and meta["v"] == "1"
+
+
+def _weight_bytes(proto) -> int:
+    return sum(onnx.numpy_helper.to_array(i).nbytes for i in proto.graph.initializer)
+
+
+def test_fp16_keeps_float32_io_and_agrees_with_fp32(fp32_model, data, tmp_path):
+    x = compress._numpy(data.x["test"])
+    path = tmp_path / "fp16.onnx"
+    proto = onnx_tools.convert_fp16(fp32_model, path, metadata={"variant": "fp16"})
+    onnx.checker.check_model(onnx.load(str(path)), full_check=True)
+    float32 = onnx.TensorProto.FLOAT
+    assert proto.graph.input[0].type.tensor_type.elem_type == float32
+    assert proto.graph.output[0].type.tensor_type.elem_type == float32
+    weights = [i for i in proto.graph.initializer if len(i.dims) == 4]
+    assert weights and all(w.data_type == onnx.TensorProto.FLOAT16 for w in weights)
+    assert (_top1(path, x) == _top1(fp32_model, x)).mean() >= 0.99
+    fp32_bytes = _weight_bytes(onnx.load(str(fp32_model)))
+    assert _weight_bytes(proto) == pytest.approx(fp32_bytes / 2, rel=0.02)
+    assert onnx_tools.read_metadata(path)["variant"] == "fp16"
+
+
+def _params(trained, **compress_options):
+    raw = copy.deepcopy(trained[0].to_dict())
+    raw["compress"].update(compress_options)
+    return parse_params(raw)
+
+
+def test_guard_rejects_every_over_budget_variant_and_says_why(trained, data, tmp_path):
+    params = _params(
+        trained,
+        prune_ratio=0.95,
+        prune_steps=1,
+        finetune_epochs=0,
+        round_to=1,
+        max_accuracy_drop=0.0,
+        backoff_steps=1,
+        calibration_images=64,
+    )
+    outcome = compress.run(params, trained[2], tmp_path, data=data)
+    m = outcome.metrics
+    assert [a["ratio"] for a in m["attempts"]] == [0.95, 0.475]
+    assert not any(a["within_budget"] for a in m["attempts"])
+    assert m["pruned_accepted"] is False and m["tuned_accepted"] is True
+    variants = {v["name"]: v for v in m["variants"]}
+    assert set(variants) == set(compress.VARIANT_FILES)
+    for v in variants.values():
+        assert v["accepted"] == (v["accuracy"] >= m["tuned_accuracy"])
+        if not v["accepted"]:
+            assert "loses" in v["reason"] and "max_accuracy_drop allows 0.00" in v["reason"]
+    assert (
+        "no pruning ratio tried was within budget (0.95 -> " in variants["pruned_fp32"]["reason"]
+    )
+    assert m["prune_ratio"] == max(m["attempts"], key=lambda a: a["accuracy"])["ratio"]
+    assert m["macs_after"] < m["macs_before"]
+
+
+@pytest.fixture(scope="module")
+def stage_run(trained, digits, tmp_path_factory):
+    """`python -m pipeline.compress`'s main() in a project folder with a sqlite MLflow store."""
+    project = tmp_path_factory.mktemp("project")
+    raw = trained[0].to_dict()
+    raw["compress"].update(prune_steps=2, finetune_epochs=2, calibration_images=64)
+    write_params(project, raw)
+    save_prepared(digits, project / "data" / "prepared")
+    (project / "models").mkdir()
+    (project / "models" / "tuned.pt").write_bytes(trained[2].read_bytes())
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        patch.chdir(project)
+        compress.main([])
+    return project
+
+
+def test_stage_writes_checkpoint_onnx_metrics_and_plots(stage_run, trained, data):
+    project = stage_run
+    m = json.loads((project / "metrics" / "compress.json").read_text())
+    for key in ("macs_before", "macs_after", "params_before", "params_after"):
+        assert isinstance(m[key], int) and m[key] > 0
+    assert m["macs_before"] / m["macs_after"] > 2  # ratio 0.5: about 4x fewer MACs
+    for short in ("tuned", "pruned", "int8", "fp16"):
+        assert 0.8 < m[f"{short}_accuracy"] <= 1 and m[f"{short}_size_bytes"] > 0
+        assert isinstance(m[f"{short}_accepted"], bool)
+    assert m["int8_size_bytes"] < m["pruned_size_bytes"] < m["tuned_size_bytes"]
+    assert m["int8_agreement"] >= 0.99 and m["fp16_agreement"] >= 0.99
+    keys = {"name", "path", "accuracy", "size_bytes", "params", "macs", "accepted", "reason"}
+    for v in m["variants"]:
+        assert keys <= set(v) and (project / v["path"]).stat().st_size == v["size_bytes"]
+    assert m["variants"][2]["params"] == m["params_after"]
+
+    rebuilt, blob = load_checkpoint(project / "models" / "compressed" / "pruned.pt")
+    assert blob["arch"]["pruned"]["layers"]["features.0.0"] == {"out_channels": 8}
+    assert blob["metrics"]["pruned_accuracy"] == m["pruned_accuracy"]
+    session, _ = onnx_tools.make_session(project / "models/compressed/pruned_fp32.onnx", "cpu")
+    x = compress._numpy(data.x["test"])
+    torch_logits = predict_logits(rebuilt, data.x["test"]).numpy()
+    assert np.abs(onnx_tools.run_logits(session, x) - torch_logits).max() < 1e-4
+
+    rows = (project / "plots" / "compression.csv").read_text().splitlines()
+    assert rows[0] == "name,accuracy,size_bytes,params,macs,accepted" and len(rows) == 5
+    assert (project / "plots" / "compression.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_stage_logs_one_mlflow_run_with_metrics_and_artifacts(stage_run):
+    client = MlflowClient(tracking_uri=f"sqlite:///{stage_run / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("tests")
+    (run,) = client.search_runs([experiment.experiment_id], "tags.stage = 'compress'")
+    m = json.loads((stage_run / "metrics" / "compress.json").read_text())
+    assert run.data.metrics["int8_accuracy"] == pytest.approx(m["int8_accuracy"])
+    assert run.data.metrics["macs_after"] == m["macs_after"]
+    assert run.data.params["compress.prune_ratio"] == "0.5"
+    assert run.data.tags["pruned_int8_accepted"] == str(m["int8_accepted"])
+    curve = client.get_metric_history(run.info.run_id, "finetune_val_accuracy")
+    assert sorted(p.step for p in curve) == [1, 2, 3]  # 1 epoch between steps, 2 after the last
+    onnx_files = {a.path for a in client.list_artifacts(run.info.run_id, "onnx")}
+    assert onnx_files == {f"onnx/{name}" for name in compress.VARIANT_FILES.values()}
+    plots = [a.path for a in client.list_artifacts(run.info.run_id, "plots")]
+    assert plots == ["plots/compression.png"]
+
+
+def test_unpruned_checkpoint_still_loads(trained, data):
+    _, model, path = trained
+    rebuilt, blob = load_checkpoint(path)
+    assert "pruned" not in blob["arch"]
+    assert isinstance(rebuilt.classifier, nn.Linear)
+    assert torch.equal(
+        predict_logits(model, data.x["val"]), predict_logits(rebuilt, data.x["val"])
+    )
