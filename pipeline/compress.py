@@ -43,7 +43,7 @@ from pipeline.checkpoint import build_model, load_checkpoint, pruned_spec, save_
 from pipeline.config import CompressConfig, Params, TrainConfig, load_params, parse_params
 from pipeline.data import DeviceData
 from pipeline.engine import EpochCallback, FitResult, evaluate, fit
-from pipeline.errors import ConfigError, cli_entry
+from pipeline.errors import ConfigError, DataError, cli_entry
 from pipeline.io import write_json
 from pipeline.models import ChannelAdapter
 from pipeline.plots import save_figure, write_csv
@@ -478,6 +478,8 @@ def log_outcome(tracker, outcome: CompressOutcome) -> None:
 @cli_entry
 def main(argv: list[str] | None = None) -> None:
     params = load_params(paths.PARAMS)
+    if not paths.TUNED_CKPT.is_file():
+        raise DataError(f"{paths.TUNED_CKPT}: not found; run the search stage first (dvc repro)")
     data = load_device_data(params)
     step = itertools.count(1)  # fine-tuning epochs of every attempt, in order
     with stage_run("compress", params, data.info["sha256"]["all"]) as tracker:

@@ -316,3 +316,12 @@ def test_unpruned_checkpoint_still_loads(trained, data):
     assert torch.equal(
         predict_logits(model, data.x["val"]), predict_logits(rebuilt, data.x["val"])
     )
+
+
+def test_missing_tuned_checkpoint_exits_2_naming_the_file(tmp_path, monkeypatch, capsys):
+    write_params(tmp_path, {"tracking": {"enabled": False}})
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        compress.main([])
+    assert exit_info.value.code == 2
+    assert "models/tuned.pt: not found; run the search stage" in capsys.readouterr().err
