@@ -241,3 +241,87 @@ def convert_fp16(
     proto = _copy_metadata(fp32_path, proto, metadata)
     save_model(proto, path)
     return proto
+
+
+def gpu_providers() -> list[str]:
+    """GPU providers worth trying here, best first; none unless `torch.cuda.is_available()`.
+
+    TensorRT only when its runtime library loads (ONNX Runtime lists the provider either way).
+    Whether a provider really runs is known only from a session: see `session_for`.
+    """
+    import ctypes
+
+    import onnxruntime as ort
+
+    if not torch.cuda.is_available():
+        return []
+    available = ort.get_available_providers()
+    chosen = []
+    if "TensorrtExecutionProvider" in available:
+        for lib in ("libnvinfer.so.10", "libnvinfer.so.8", "libnvinfer.so"):
+            with contextlib.suppress(OSError):
+                ctypes.CDLL(lib)
+                chosen.append("TensorrtExecutionProvider")
+                break
+    if "CUDAExecutionProvider" in available:
+        chosen.append("CUDAExecutionProvider")
+    return chosen
+
+
+def session_for(
+    model: str | Path | bytes, provider: str = "CPUExecutionProvider", threads: int | None = None
+):
+    """(InferenceSession, provider that really runs it) for one requested provider.
+
+    `model` is a path or serialized bytes. CPU is the fallback ONNX Runtime takes when the
+    requested provider cannot start; compare the returned provider with the requested one.
+    """
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only
+    if threads:
+        options.intra_op_num_threads = threads
+    requested = [provider]
+    if provider != "CPUExecutionProvider":
+        requested.append("CPUExecutionProvider")
+    source = model if isinstance(model, bytes) else str(model)
+    session = ort.InferenceSession(source, sess_options=options, providers=requested)
+    return session, session.get_providers()[0]
+
+
+def benchmark(
+    session, images: np.ndarray, batch_size: int = 64, warmup_runs: int = 10, runs: int = 100
+) -> dict:
+    """Latency at batch 1 and throughput at `batch_size` on real (normalised NCHW) images.
+
+    Batch 1: `warmup_runs` untimed runs, then `runs` timed runs cycling over `images`;
+    p50 / p95 in milliseconds. Batch `batch_size` (images repeated when there are fewer): three
+    untimed runs (a new shape costs a first-run allocation), then max(5, runs // 5) timed runs;
+    images per second from the median run (robust to other processes on a shared machine).
+    """
+    import time
+
+    name = session.get_inputs()[0].name
+    images = np.ascontiguousarray(images, dtype=np.float32)
+    singles = [images[i : i + 1] for i in range(len(images))]
+    for i in range(warmup_runs):
+        session.run(None, {name: singles[i % len(singles)]})
+    times_ms = []
+    for i in range(runs):
+        start = time.perf_counter()
+        session.run(None, {name: singles[i % len(singles)]})
+        times_ms.append((time.perf_counter() - start) * 1e3)
+    reps = -(-batch_size // len(images))
+    batch = np.ascontiguousarray(np.concatenate([images] * reps)[:batch_size])
+    batch_seconds = []
+    for i in range(3 + max(5, runs // 5)):
+        start = time.perf_counter()
+        session.run(None, {name: batch})
+        if i >= 3:
+            batch_seconds.append(time.perf_counter() - start)
+    return {
+        "latency_ms_p50_b1": float(np.percentile(times_ms, 50)),
+        "latency_ms_p95_b1": float(np.percentile(times_ms, 95)),
+        f"throughput_b{batch_size}": batch_size / float(np.median(batch_seconds)),
+    }

@@ -32,3 +32,13 @@ DENSE_FP32_ONNX = COMPRESSED_DIR / "dense_fp32.onnx"
 PRUNED_FP32_ONNX = COMPRESSED_DIR / "pruned_fp32.onnx"
 PRUNED_INT8_ONNX = COMPRESSED_DIR / "pruned_int8.onnx"
 PRUNED_FP16_ONNX = COMPRESSED_DIR / "pruned_fp16.onnx"
+
+# export stage outputs
+EXPORT_MANIFEST = EXPORT_DIR / "manifest.json"
+EXPORT_METRICS = METRICS_DIR / "export.json"
+EXPORT_PLOT = PLOTS_DIR / "export_latency.png"
+
+
+def exported_model(variant: str, export_dir: Path = EXPORT_DIR) -> Path:
+    """`exported_models/model_<variant>.onnx` (variants: fp32, pruned_fp32, int8, fp16)."""
+    return export_dir / f"model_{variant}.onnx"

@@ -71,6 +71,36 @@ class Run:
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         self._mlflow.log_artifact(str(path), artifact_path=artifact_path)
 
+    def log_onnx_model(
+        self,
+        model_proto,
+        name: str,
+        registered_model: str | None = None,
+        providers: list[str] | None = None,
+    ) -> str | None:
+        """Log an ONNX model (MLflow's onnx flavor, one file) under `name`; when
+        `registered_model` is given, register it as a new version and return that version."""
+        import mlflow.onnx
+
+        info = mlflow.onnx.log_model(
+            model_proto,
+            name=name,
+            signature=_onnx_signature(model_proto),
+            registered_model_name=registered_model,
+            onnx_execution_providers=providers,
+            save_as_external_data=False,
+        )
+        return str(info.registered_model_version) if registered_model else None
+
+    def set_model_alias(
+        self, registered_model: str, alias: str, version: str, tags: dict | None = None
+    ) -> None:
+        """Point `alias` (e.g. `champion`) at `version`; `tags` go on that model version."""
+        client = self._mlflow.MlflowClient()
+        client.set_registered_model_alias(registered_model, alias, version)
+        for key, value in (tags or {}).items():
+            client.set_model_version_tag(registered_model, version, key, str(value))
+
 
 @contextlib.contextmanager
 def stage_run(
@@ -99,3 +129,23 @@ def stage_run(
             }
         )
         yield wrapped
+
+
+def _onnx_signature(model_proto):
+    """MLflow tensor signature of an ONNX graph's inputs and outputs (symbolic dims -> -1)."""
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import Schema, TensorSpec
+    from onnx.helper import tensor_dtype_to_np_dtype
+
+    def schema(values) -> Schema:
+        specs = []
+        for value in values:
+            tensor = value.type.tensor_type
+            shape = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in tensor.shape.dim)
+            specs.append(TensorSpec(tensor_dtype_to_np_dtype(tensor.elem_type), shape, value.name))
+        return Schema(specs)
+
+    graph = model_proto.graph
+    initializers = {i.name for i in graph.initializer}
+    inputs = [v for v in graph.input if v.name not in initializers]
+    return ModelSignature(inputs=schema(inputs), outputs=schema(graph.output))
