@@ -49,3 +49,46 @@ def training_curves(history: list[dict], path: str | Path, title: str = "trainin
     ax_acc.legend()
     fig.suptitle(title)
     save_figure(fig, path)
+
+
+def _note_axes(text: str):
+    fig, ax = plt.subplots(figsize=(6, 2))
+    ax.text(0.5, 0.5, text, ha="center", va="center")
+    ax.set_axis_off()
+    return ax
+
+
+def search_plots(study, out_dir: str | Path) -> list[Path]:
+    """Optimization history, parameter importances and lr x weight decay, as PNG files."""
+    import warnings
+
+    import optuna
+    import optuna.visualization.matplotlib as ovm
+    from optuna.trial import TrialState
+
+    out_dir = Path(out_dir)
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    enough = len(complete) >= 2
+    figures = {
+        "search_history.png": lambda: ovm.plot_optimization_history(study),
+        "search_importance.png": lambda: (
+            ovm.plot_param_importances(study)
+            if enough
+            else _note_axes("parameter importances need 2 or more complete trials")
+        ),
+        "search_lr_wd.png": lambda: (
+            ovm.plot_contour(study, params=["lr", "weight_decay"])
+            if enough
+            else _note_axes("the lr x weight decay contour needs 2 or more complete trials")
+        ),
+    }
+    written = []
+    for name, draw in figures.items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            warnings.simplefilter("ignore", UserWarning)
+            ax = draw()
+        fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
+        save_figure(fig, out_dir / name)
+        written.append(out_dir / name)
+    return written

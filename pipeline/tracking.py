@@ -55,7 +55,16 @@ class Run:
         self.run_id = run.info.run_id
 
     def log_params(self, params: dict) -> None:
-        self._mlflow.log_params({k: str(v)[:500] for k, v in _flatten(params).items()})
+        """Log params; on a resumed run, a changed value (MLflow params are immutable) is
+        recorded as the tag `changed.<key>` instead."""
+        values = {k: str(v)[:500] for k, v in _flatten(params).items()}
+        logged = self._mlflow.get_run(self.run_id).data.params
+        changed = {f"changed.{k}": v for k, v in values.items() if k in logged and logged[k] != v}
+        new = {k: v for k, v in values.items() if k not in logged}
+        if new:
+            self._mlflow.log_params(new)
+        if changed:
+            self.set_tags(changed)
 
     def log_metrics(self, metrics: dict, step: int | None = None) -> None:
         numeric = {
@@ -109,8 +118,10 @@ def stage_run(
     dataset_sha256: str = "",
     run_name: str | None = None,
     nested: bool = False,
+    resume_run_id: str | None = None,
 ) -> Iterator[Run | NullRun]:
-    """Start an MLflow run for `stage` (nested under the active run when `nested`)."""
+    """Start an MLflow run for `stage` (nested under the active run when `nested`), or resume
+    `resume_run_id` when that run exists in the store (a resumed Optuna study keeps its run)."""
     if not params.tracking.enabled:
         yield NullRun()
         return
@@ -118,7 +129,10 @@ def stage_run(
 
     mlflow.set_tracking_uri(tracking_uri(params))
     mlflow.set_experiment(params.tracking.experiment)
-    with mlflow.start_run(run_name=run_name or stage, nested=nested) as run:
+    if resume_run_id and not _run_exists(resume_run_id):
+        resume_run_id = None
+    start = {"run_id": resume_run_id} if resume_run_id else {"run_name": run_name or stage}
+    with mlflow.start_run(nested=nested, **start) as run:
         wrapped = Run(mlflow, run)
         wrapped.set_tags(
             {
@@ -129,6 +143,71 @@ def stage_run(
             }
         )
         yield wrapped
+
+
+def _run_exists(run_id: str) -> bool:
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mlflow.get_run(run_id)
+    except MlflowException:
+        return False
+    return True
+
+
+class ChildRun:
+    """A run nested under `parent_run_id`, written through MlflowClient (process-safe: no
+    fluent active-run stack, so worker processes can add trials under one search run)."""
+
+    def __init__(self, params: Params, parent_run_id: str, run_name: str, tags: dict):
+        from mlflow.tracking import MlflowClient
+        from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+        self._client = MlflowClient(tracking_uri=tracking_uri(params))
+        parent = self._client.get_run(parent_run_id)
+        all_tags = {MLFLOW_PARENT_RUN_ID: parent_run_id, **{k: str(v) for k, v in tags.items()}}
+        run = self._client.create_run(parent.info.experiment_id, tags=all_tags, run_name=run_name)
+        self.run_id = run.info.run_id
+
+    def log_params(self, params: dict) -> None:
+        from mlflow.entities import Param
+
+        self._client.log_batch(self.run_id, params=[Param(k, str(v)) for k, v in params.items()])
+
+    def log_metrics(self, metrics: dict, step: int) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        self._client.log_batch(self.run_id, metrics=batch)
+
+    def finish(self, status: str, tags: dict) -> None:
+        """status: FINISHED | FAILED | KILLED (MLflow's run states)."""
+        from mlflow.entities import RunTag
+
+        self._client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        self._client.set_terminated(self.run_id, status=status)
+
+
+def end_stale_run(params: Params, run_id: str, tags: dict) -> bool:
+    """Mark a run left RUNNING by a killed process as FAILED; True if it was changed."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri(params))
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        return False
+    if run.info.status != "RUNNING":
+        return False
+    for key, value in tags.items():
+        client.set_tag(run_id, key, str(value))
+    client.set_terminated(run_id, status="FAILED")
+    return True
 
 
 def _onnx_signature(model_proto):

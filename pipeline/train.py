@@ -33,8 +33,11 @@ class TrainOutcome:
     metrics: dict
 
 
-def load_device_data(params: Params) -> DeviceData:
+def load_device_data(params: Params, worker_index: int = 0) -> DeviceData:
+    """The prepared splits on this process's device (worker i takes GPU i mod count)."""
     device = resolve_device(params.device)
+    if device.type == "cuda" and torch.cuda.device_count() > 1:
+        device = torch.device("cuda", worker_index % torch.cuda.device_count())
     return DeviceData(load_prepared(paths.PREPARED_DIR), device, device.type == "cuda")
 
 

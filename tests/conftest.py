@@ -24,6 +24,9 @@ TINY_PARAMS = {
     "model": {"name": "cnn", "widths": [16, 32]},
     "train": {"epochs": 4, "lr": 0.05, "batch_size": 64},
     "tracking": {"enabled": True, "experiment": "tests"},
+    "compress": {"prune_steps": 1, "finetune_epochs": 2, "calibration_images": 64},
+    "export": {"warmup_runs": 1, "latency_runs": 5},
+    "search": {"n_trials": 6, "epochs": 3, "space": {"lr": [0.001, 0.5]}},
 }
 
 

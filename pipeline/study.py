@@ -1,0 +1,272 @@
+"""The Optuna side of the search stage: study, sampler, pruner, objective, worker loop.
+
+- A study lives in `search.storage` (any Optuna storage URL; default sqlite in `studies/`).
+  Its default name is derived from the dataset, the model, the training recipe and the search
+  space, so a changed space starts a new study and an unchanged one resumes.
+- RDB storages record a heartbeat: a trial whose process died (kill -9) is failed after the
+  grace period and re-queued with the same params (`RetryHeartbeatStaleTrialCallback`).
+- `run_worker` runs trials until the study holds exactly `search.n_trials` finished trials
+  (complete + pruned). A trial that would exceed that (two workers starting at once) stops at
+  once as FAIL with reason `surplus`, before any training; NaN losses and CUDA out-of-memory
+  end a trial as FAIL with the reason recorded, and the study goes on.
+- Each trial is an MLflow run nested under the search run (`pipeline.tracking.ChildRun`) with
+  params, per-epoch `train_loss` / `val_accuracy`, and a `state` tag; a pruned trial's run ends
+  KILLED, a failed one FAILED, so the MLflow UI never shows them as successes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+import warnings
+from collections.abc import Callable
+
+import optuna
+import torch
+from optuna.trial import TrialState
+
+from pipeline.config import Params
+from pipeline.data import DeviceData
+from pipeline.errors import ConfigError
+from pipeline.tracking import ChildRun, end_stale_run
+
+HEARTBEAT_INTERVAL_S = 2
+GRACE_PERIOD_S = 10
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+class TrialFailed(Exception):
+    """Ends a trial as FAIL with a recorded reason; the study continues."""
+
+
+def study_name(params: Params, dataset_sha256: str) -> str:
+    """`search.study_name`, or one derived from everything that changes the objective."""
+    if params.search.study_name:
+        return params.search.study_name
+    s = params.search
+    train = dataclasses.asdict(params.train)
+    for key in ("lr", "batch_size", "weight_decay", "epochs"):
+        train.pop(key)  # searched or replaced by search.epochs
+    recipe = {
+        "dataset": dataset_sha256,
+        "model": dataclasses.asdict(params.model),
+        "train": train,
+        "space": dataclasses.asdict(s.space),
+        "epochs": s.epochs,
+        "min_epochs": s.min_epochs,
+        "sampler": s.sampler,
+        "pruner": s.pruner,
+        "seed": params.seed,
+    }
+    digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:10]
+    return f"{params.data.name}-{params.model.name.replace(':', '-')}-{digest}"
+
+
+def make_storage(url: str):
+    if url.startswith(("sqlite", "postgresql", "mysql")):
+        engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(
+                url,
+                engine_kwargs=engine_kwargs,
+                heartbeat_interval=HEARTBEAT_INTERVAL_S,
+                grace_period=GRACE_PERIOD_S,
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
+                    max_retry=3
+                ),
+            )
+    return url
+
+
+def make_sampler(params: Params, salt: int = 0) -> optuna.samplers.BaseSampler:
+    seed = params.seed * 1000 + salt
+    s = params.search
+    if s.sampler == "tpe":
+        startup = max(4, min(10, s.n_trials // 3))
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=startup)
+    if s.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if s.sampler == "cmaes":
+        return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
+    return optuna.samplers.QMCSampler(seed=seed, scramble=True, warn_independent_sampling=False)
+
+
+def make_pruner(params: Params) -> optuna.pruners.BasePruner:
+    s = params.search
+    if s.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(
+            min_resource=s.min_epochs, max_resource=s.epochs, reduction_factor=3
+        )
+    if s.pruner == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=s.min_epochs)
+    return optuna.pruners.NopPruner()
+
+
+def load_study(params: Params, name: str, salt: int = 0) -> optuna.Study:
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        return optuna.create_study(
+            storage=make_storage(params.search.storage),
+            study_name=name,
+            direction="maximize",
+            sampler=make_sampler(params, salt),
+            pruner=make_pruner(params),
+            load_if_exists=True,
+        )
+    except Exception as err:  # bad URL, unreachable server, missing driver
+        if isinstance(err, optuna.exceptions.DuplicatedStudyError):
+            raise
+        raise ConfigError(
+            f"search.storage: got {params.search.storage!r}; cannot open it "
+            f"({type(err).__name__}: {str(err).splitlines()[0][:160]})"
+        ) from None
+
+
+def counts(study: optuna.Study) -> dict[str, int]:
+    trials = study.get_trials(deepcopy=False)
+    by_state = {state: 0 for state in TrialState}
+    for t in trials:
+        by_state[t.state] += 1
+    return {
+        "finished": by_state[TrialState.COMPLETE] + by_state[TrialState.PRUNED],
+        "running": by_state[TrialState.RUNNING],
+        "waiting": by_state[TrialState.WAITING],
+    }
+
+
+def _suggest(trial: optuna.Trial, params: Params) -> dict:
+    space = params.search.space
+    return {
+        "lr": trial.suggest_float("lr", *space.lr, log=True),
+        "batch_size": trial.suggest_categorical("batch_size", list(space.batch_size)),
+        "weight_decay": trial.suggest_float("weight_decay", *space.weight_decay, log=True),
+    }
+
+
+def _is_surplus(trial: optuna.Trial, n_trials: int) -> bool:
+    """True when n_trials trials numbered before this one are finished or still running."""
+    ahead = trial.study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING))
+    return sum(1 for t in ahead if t.number < trial.number) >= n_trials
+
+
+def _retried_trial_number(trial: optuna.Trial) -> int | None:
+    """The number of the dead trial this one re-runs (set by the heartbeat retry), if any."""
+    for frozen in trial.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if frozen.number == trial.number:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(
+                    frozen
+                )
+    return None
+
+
+def make_objective(
+    params: Params,
+    data: DeviceData,
+    parent_run_id: str | None,
+    train_fn: Callable,
+    worker: int = 0,
+) -> Callable[[optuna.Trial], float]:
+    """The objective: one training run of the shared engine per trial (via `train_fn`)."""
+
+    def objective(trial: optuna.Trial) -> float:
+        if _is_surplus(trial, params.search.n_trials):
+            trial.set_user_attr("fail_reason", "surplus")
+            raise TrialFailed("surplus: the study already has search.n_trials trials")
+        hp = _suggest(trial, params)
+        retried = _retried_trial_number(trial)
+        trial.set_user_attr("worker", worker)
+        tags = {
+            "trial_number": trial.number,
+            "state": "RUNNING",
+            "worker": worker,
+            "study": trial.study.study_name,
+            "device": str(data.device),
+        }
+        if retried is not None:
+            tags["retry_of_trial"] = retried
+        run = (
+            ChildRun(params, parent_run_id, f"trial-{trial.number:03d}", tags)
+            if (parent_run_id)
+            else None
+        )
+        if run is not None:
+            trial.set_user_attr("mlflow_run_id", run.run_id)
+            run.log_params({**hp, "trial_number": trial.number})
+        start = time.perf_counter()
+
+        def on_epoch(epoch: int, metrics: dict) -> None:
+            trial.set_user_attr("epochs_run", epoch)
+            if run is not None:
+                run.log_metrics({k: metrics[k] for k in ("train_loss", "val_accuracy")}, epoch)
+            trial.report(metrics["val_accuracy"], epoch)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"pruned at epoch {epoch}")
+
+        state, status, reason = "FAIL", "FAILED", ""
+        try:
+            train_cfg = dataclasses.replace(params.train, **hp, epochs=params.search.epochs)
+            result = train_fn(train_cfg, on_epoch)
+            if result.status != "ok":
+                reason = result.message
+                raise TrialFailed(reason)
+            state, status = "COMPLETE", "FINISHED"
+            return result.best_val_accuracy
+        except optuna.TrialPruned:
+            state, status = "PRUNED", "KILLED"
+            raise
+        except torch.cuda.OutOfMemoryError:
+            reason = f"out of GPU memory at batch_size={hp['batch_size']}"
+            raise TrialFailed(reason) from None
+        finally:
+            seconds = round(time.perf_counter() - start, 3)
+            trial.set_user_attr("seconds", seconds)
+            if reason:
+                trial.set_user_attr("fail_reason", reason)
+            if run is not None:
+                run.finish(status, {"state": state, "duration_s": seconds, "fail_reason": reason})
+
+    return objective
+
+
+def reconcile_stale_runs(params: Params, study: optuna.Study) -> int:
+    """MLflow runs of trials failed by the heartbeat (their process died) end as FAILED."""
+    changed = 0
+    for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
+        run_id = t.user_attrs.get("mlflow_run_id")
+        if run_id and end_stale_run(
+            params,
+            run_id,
+            {
+                "state": "FAIL",
+                "fail_reason": "worker died (no heartbeat)",
+            },
+        ):
+            changed += 1
+    return changed
+
+
+def run_worker(
+    study: optuna.Study,
+    objective: Callable,
+    n_trials: int,
+    deadline: float | None,
+    on_progress: Callable[[dict], None] | None = None,
+) -> None:
+    """Run trials until `n_trials` are finished (or the deadline passes)."""
+    while True:
+        if isinstance(study._storage, optuna.storages.RDBStorage):
+            optuna.storages.fail_stale_trials(study)
+        c = counts(study)
+        if on_progress is not None:
+            on_progress(c)
+        if c["finished"] >= n_trials or (deadline is not None and time.time() > deadline):
+            return
+        if c["finished"] + c["running"] >= n_trials and not c["waiting"]:
+            time.sleep(0.5)  # others' trials are running; some may still fail
+            continue
+        study.optimize(objective, n_trials=1, catch=(TrialFailed,))
