@@ -1,0 +1,262 @@
+"""The export stage on stand-in compress outputs: files, metadata, manifest, parity, MLflow."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import shutil
+import subprocess
+
+import mlflow
+import numpy as np
+import onnx
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from onnx import numpy_helper
+
+from pipeline import export, paths
+from pipeline.config import ExportConfig, load_params
+from pipeline.errors import DataError, StageFailed
+from pipeline.export_checks import check_parity, gpu_status
+from pipeline.io import sha256_file
+from tests.conftest import run_module
+from tests.export_helpers import exported_project
+
+VARIANT_NAMES = ["fp32", "pruned_fp32", "int8", "fp16"]
+MANIFEST_KEYS = {
+    "name", "path", "sha256", "size_bytes", "params", "macs", "accuracy", "latency_ms_p50_b1",
+    "latency_ms_p95_b1", "throughput_b64", "provider", "parity", "accepted", "recommended",
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def project():
+    path, process = exported_project()
+    assert process.returncode == 0, process.stderr
+    return path
+
+
+@pytest.fixture
+def in_project(project, monkeypatch):
+    monkeypatch.chdir(project)
+    return project
+
+
+def _manifest(project) -> dict:
+    return json.loads((project / paths.EXPORT_MANIFEST).read_text())
+
+
+def _perturbed(proto: onnx.ModelProto, shape_len: int, change) -> onnx.ModelProto:
+    """A copy of `proto` whose first float initializer of rank `shape_len` is changed."""
+    proto = copy.deepcopy(proto)
+    for init in proto.graph.initializer:
+        array = numpy_helper.to_array(init)
+        if array.ndim == shape_len and array.dtype in (np.float32, np.float16):
+            init.CopyFrom(numpy_helper.from_array(change(array).astype(array.dtype), init.name))
+            return proto
+    raise AssertionError("no initializer to perturb")
+
+
+def test_stage_writes_four_checked_models_with_dynamic_batch_and_metadata(project):
+    info = json.loads((project / paths.DATASET_JSON).read_text())
+    manifest = _manifest(project)
+    head = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=project, capture_output=True, text=True
+    ).stdout.strip()
+    params_hash = load_params(project / "params.yaml").hash()
+    for name in VARIANT_NAMES:
+        path = project / paths.exported_model(name)
+        proto = onnx.load(str(path))
+        onnx.checker.check_model(proto, full_check=True)
+        assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # dynamic batch
+        meta = {p.key: p.value for p in proto.metadata_props}
+        assert meta["variant"] == name and meta["format"] == "pipeline.onnx/1"
+        assert json.loads(meta["classes"]) == [str(i) for i in range(10)]
+        assert json.loads(meta["mean"]) == info["mean"] and json.loads(meta["std"]) == info["std"]
+        assert json.loads(meta["input_shape"]) == [1, 8, 8] and meta["input_layout"] == "NCHW"
+        entry = next(e for e in manifest["variants"] if e["name"] == name)
+        assert float(meta["accuracy"]) == entry["accuracy"] > 0.8
+        assert meta["params_hash"] == params_hash
+        assert meta["git_commit"] == head + "-dirty"  # the test rewrote params.yaml
+        assert meta["dataset_sha256"] == info["sha256"]["all"]
+        assert len(meta["source_run"]) == 32  # the MLflow export run
+    for name, dtype in (("int8", onnx.TensorProto.INT8), ("fp16", onnx.TensorProto.FLOAT16)):
+        graph = onnx.load(str(project / paths.exported_model(name))).graph
+        assert dtype in {init.data_type for init in graph.initializer}
+
+
+def test_manifest_lists_every_variant_with_hash_latency_and_one_recommendation(project):
+    manifest = _manifest(project)
+    assert [e["name"] for e in manifest["variants"]] == VARIANT_NAMES
+    for e in manifest["variants"]:
+        assert MANIFEST_KEYS <= set(e)
+        path = project / e["path"]
+        assert e["path"] == f"exported_models/model_{e['name']}.onnx"
+        assert e["sha256"] == sha256_file(path) and e["size_bytes"] == path.stat().st_size
+        assert 0 < e["latency_ms_p50_b1"] <= e["latency_ms_p95_b1"] and e["throughput_b64"] > 0
+        assert e["provider"] == "CPUExecutionProvider" and e["accepted"] is True
+        assert e["parity"]["passed"] is True and e["params"] > 0 and e["macs"] > 0
+    by_name = {e["name"]: e for e in manifest["variants"]}
+    assert by_name["fp32"]["parity"]["max_abs_diff"] <= 1e-4
+    assert by_name["int8"]["parity"]["top1_agreement"] >= 0.99
+    assert by_name["int8"]["size_bytes"] < by_name["pruned_fp32"]["size_bytes"]
+    assert by_name["pruned_fp32"]["params"] < by_name["fp32"]["params"]
+    recommended = [e["name"] for e in manifest["variants"] if e["recommended"]]
+    assert recommended == [manifest["recommended"]]
+    assert export.recommend(manifest["variants"]) == manifest["recommended"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU path")
+def test_metrics_plot_and_a_quiet_cpu_run(project):
+    metrics = json.loads((project / paths.EXPORT_METRICS).read_text())
+    assert metrics["gpu"] == "not available" and metrics["gpu_checks"] == []
+    manifest = _manifest(project)
+    assert metrics["recommended"] == manifest["recommended"]
+    assert metrics["int8_accuracy"] == manifest["variants"][2]["accuracy"]
+    assert metrics["fp16_throughput_b64"] == manifest["variants"][3]["throughput_b64"]
+    assert (project / paths.EXPORT_PLOT).read_bytes()[:4] == b"\x89PNG"
+    _, process = exported_project()
+    assert "onnxruntime" not in process.stderr.lower(), process.stderr  # no ORT log lines
+    assert "Traceback" not in process.stderr
+    assert "| pruned_fp32 |" in process.stderr and "GPU: not available" in process.stderr
+
+
+def test_mlflow_export_run_logs_models_and_registers_the_champion(project):
+    manifest = _manifest(project)
+    uri = f"sqlite:///{project / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    name = "tune-compress-classifier"
+    champion = client.get_model_version_by_alias(name, "champion")
+    assert champion.tags["name"] == manifest["recommended"]
+    recommended = next(e for e in manifest["variants"] if e["recommended"])
+    assert champion.tags["sha256"] == recommended["sha256"]
+    run = client.get_run(champion.run_id)
+    assert (
+        run.data.tags["stage"] == "export" and run.data.tags["recommended"] == recommended["name"]
+    )
+    assert run.data.metrics["int8_accuracy"] == pytest.approx(manifest["variants"][2]["accuracy"])
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "export")] == [
+        "export/manifest.json"
+    ]
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        logged = mlflow.search_logged_models(
+            experiment_ids=[run.info.experiment_id], output_format="list"
+        )
+        assert sorted(m.name for m in logged) == sorted(f"model_{n}" for n in VARIANT_NAMES)
+        model = mlflow.onnx.load_model(f"models:/{name}@champion")
+    finally:
+        mlflow.set_tracking_uri(previous)
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert meta["variant"] == recommended["name"] and meta["source_run"] == run.info.run_id
+
+
+def test_check_parity_flags_fp32_drift_and_int8_disagreement():
+    cfg = ExportConfig()  # parity_atol 1e-4, min_top1_agreement 0.99
+    reference = np.random.default_rng(0).normal(size=(50, 10)).astype(np.float32)
+    assert check_parity("fp32", reference + 5e-5, reference, cfg, "tuned.pt")["passed"]
+    drift = reference.copy()
+    drift[7, 3] += 1e-3
+    result = check_parity("fp32", drift, reference, cfg, "tuned.pt")
+    assert not result["passed"] and result["disagreeing_images"] == [7]
+    assert result["reference"] == "PyTorch tuned.pt"
+    flipped = reference.copy()
+    flipped[0] = -flipped[0]  # one image of 50 changes its top-1: 98% < 99%
+    result = check_parity("int8", flipped, reference, cfg, "pruned.pt")
+    assert not result["passed"] and result["top1_agreement"] == 0.98
+    assert result["disagreeing_images"] == [0]
+    assert check_parity("int8", reference + 0.3, reference, cfg, "pruned.pt")["passed"]
+
+
+def test_a_perturbed_weight_fails_the_stage_with_a_table_and_writes_nothing(in_project):
+    params = load_params(paths.PARAMS)
+    inputs = export.load_inputs()
+    before = sha256_file(paths.exported_model("pruned_fp32"))
+    source = paths.PRUNED_FP32_ONNX
+    inputs.compressed[source] = _perturbed(inputs.compressed[source], 4, lambda w: w * 1.01)
+    with pytest.raises(StageFailed) as err:
+        export.run(params, inputs)
+    message = str(err.value)
+    assert message.startswith("parity check failed")
+    row = next(line for line in message.splitlines() if line.startswith("pruned_fp32"))
+    assert "ONNX Runtime CPU vs PyTorch" in row and "max |logit diff| <= 0.0001" in row
+    assert not any(line.startswith(("fp32 ", "int8", "fp16")) for line in message.splitlines())
+    assert sha256_file(paths.exported_model("pruned_fp32")) == before
+
+
+def test_a_rejected_variant_that_disagrees_is_reported_not_shipped(in_project):
+    params = load_params(paths.PARAMS)
+    inputs = export.load_inputs()
+    source = paths.PRUNED_FP16_ONNX
+    rng = np.random.default_rng(0)
+    inputs.compressed[source] = _perturbed(
+        inputs.compressed[source], 1, lambda b: 50 * rng.normal(size=b.shape)
+    )
+    inputs.compress_variants[source.name] |= {"accepted": False, "reason": "loses 3 points"}
+    result = export.run(params, inputs)  # no exception: the guard had already rejected it
+    fp16 = next(v.entry for v in result.variants if v.spec.name == "fp16")
+    assert fp16["parity"]["passed"] is False and fp16["parity"]["top1_agreement"] < 0.5
+    assert fp16["accepted"] is False and fp16["reason"] == "loses 3 points"
+    assert result.manifest["recommended"] != "fp16"
+    meta = {p.key: p.value for p in result.recommended.proto.metadata_props}
+    assert meta["accepted"] == "true"
+
+    inputs.compress_variants[source.name]["accepted"] = True  # accepted by compress: fatal
+    with pytest.raises(StageFailed, match=r"(?m)^fp16 +ONNX Runtime CPU vs PyTorch +top-1"):
+        export.run(params, inputs)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU path")
+def test_require_gpu_without_a_gpu_fails_with_a_clear_message(in_project):
+    params = load_params(paths.PARAMS)
+    strict = dataclasses.replace(
+        params, export=dataclasses.replace(params.export, require_gpu=True)
+    )
+    assert gpu_status(params) == ("not available", [])
+    with pytest.raises(StageFailed, match="export.require_gpu is true but no GPU inference"):
+        export.run(strict, export.load_inputs())
+
+
+def test_recommend_takes_the_fastest_accepted_and_breaks_ties_by_size():
+    def entry(name, p50, size, accepted=True):
+        return {"name": name, "latency_ms_p50_b1": p50, "size_bytes": size, "accepted": accepted}
+
+    entries = [entry("fp32", 1.0, 400), entry("int8", 0.5, 50), entry("fp16", 0.1, 60, False)]
+    assert export.recommend(entries) == "int8"  # fp16 is faster but rejected
+    entries.append(entry("pruned_fp32", 0.49, 120))
+    assert export.recommend(entries) == "int8"  # within 5%: a tie, the smaller file wins
+    entries.append(entry("tiny", 0.3, 500))
+    assert export.recommend(entries) == "tiny"
+    with pytest.raises(StageFailed, match="no variant is accepted"):
+        export.recommend([entry("fp32", 1.0, 1, False)])
+
+
+def test_opset_set_reexports_the_fp32_models_at_that_opset(in_project):
+    params = load_params(paths.PARAMS)
+    pinned = dataclasses.replace(params, export=dataclasses.replace(params.export, opset=18))
+    inputs = export.load_inputs()
+    fp32 = export.build_proto(export.VARIANTS[0], inputs, 18)
+    assert {o.version for o in fp32.opset_import if o.domain == ""} == {18}
+    result = export.run(pinned, inputs)
+    by_name = {v.spec.name: v for v in result.variants}
+    assert all(v.entry["parity"]["passed"] for v in result.variants)
+    assert {o.version for o in by_name["pruned_fp32"].proto.opset_import if o.domain == ""} == {18}
+    assert 18 not in {o.version for o in by_name["int8"].proto.opset_import if o.domain == ""}
+
+
+def test_missing_compress_outputs_name_the_file(project, tmp_path, monkeypatch):
+    shutil.copytree(project / "data", tmp_path / "data")
+    shutil.copytree(project / "models", tmp_path / "models")
+    (tmp_path / paths.PRUNED_INT8_ONNX).unlink()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError, match="models/compressed/pruned_int8.onnx: not found"):
+        export.load_inputs()
+    shutil.copy(project / "params.yaml", tmp_path / "params.yaml")
+    process = run_module(tmp_path, "pipeline.export")
+    assert process.returncode == 2
+    assert process.stderr.strip().splitlines() == [
+        "error: models/compressed/pruned_int8.onnx: not found; run the compress stage first"
+    ]

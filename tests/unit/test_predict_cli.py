@@ -1,0 +1,141 @@
+"""`pipeline predict` on real digit PNGs: JSON and table output, every bad input -> exit 2."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline import cli, onnx_tools, paths
+from pipeline.data import load_prepared
+from pipeline.models import create_model
+from tests.conftest import VENV_BIN, subprocess_env
+from tests.export_helpers import exported_project
+
+VARIANT_NAMES = ["fp32", "pruned_fp32", "int8", "fp16"]
+
+
+@pytest.fixture(scope="module")
+def project():
+    path, process = exported_project()
+    assert process.returncode == 0, process.stderr
+    return path
+
+
+@pytest.fixture(scope="module")
+def pngs(project, tmp_path_factory):
+    """(paths of 60 test digits written as PNG files, their labels)."""
+    folder = tmp_path_factory.mktemp("digits")
+    images, labels = load_prepared(project / paths.PREPARED_DIR).splits["test"]
+    files = []
+    for i in range(60):
+        files.append(folder / f"test_{i:03d}.png")
+        Image.fromarray(images[i, 0].numpy()).save(files[-1])
+    return files, labels[:60].numpy()
+
+
+def predict(capsys, *args: str):
+    """(exit code, stdout, stderr) of `pipeline predict ARGS` run in this process."""
+    try:
+        cli.main(["predict", *args])
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_json_output_classifies_real_digits_with_each_variant(project, pngs, capsys):
+    files, labels = pngs
+    for name in VARIANT_NAMES:
+        model = str(project / paths.exported_model(name))
+        code, out, err = predict(capsys, model, *map(str, files), "--top-k", "3", "--json")
+        assert code == 0 and err == ""
+        results = json.loads(out)
+        assert [r["image"] for r in results] == [str(f) for f in files]
+        assert all(len(r["top"]) == 3 for r in results)
+        first = results[0]["top"]
+        assert set(first[0]) == {"label", "probability"}
+        assert first[0]["probability"] >= first[1]["probability"] >= first[2]["probability"]
+        top1 = np.array([int(r["top"][0]["label"]) for r in results])
+        assert (top1 == labels).mean() >= 0.9, name
+
+
+def test_table_output_has_a_row_per_image(project, pngs, capsys):
+    files, labels = pngs
+    model = str(project / paths.exported_model("int8"))
+    code, out, err = predict(capsys, model, str(files[0]), str(files[1]), "--top-k", "2")
+    lines = out.splitlines()
+    assert code == 0 and err == ""
+    assert lines[0].split() == ["image", "top-1", "top-2"]
+    assert lines[1].startswith(str(files[0])) and lines[2].startswith(str(files[1]))
+    assert lines[1].split()[1] == str(labels[0]) and lines[1].split()[2].endswith("%)")
+    assert lines[3] == f"({model} on CPUExecutionProvider)"
+
+
+def _bad_inputs(project, folder):
+    good_model = str(project / paths.exported_model("fp32"))
+    good_image = folder / "good.png"
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(good_image)
+    fake_png = folder / "fake.png"
+    fake_png.write_text("not an image")
+    two_channels = folder / "two_channels.npy"
+    np.save(two_channels, np.zeros((8, 8, 2), np.uint8))
+    text_model = folder / "model.onnx"
+    text_model.write_text("not a model")
+    bare_model = folder / "bare.onnx"
+    onnx_tools.export_onnx(create_model("cnn", 10, 1, 8, widths=(8,)), bare_model, (1, 8, 8))
+    missing = folder / "missing.png"
+    return {
+        "missing image": ([good_model, str(good_image), str(missing)], missing),
+        "unreadable image": ([good_model, str(fake_png)], fake_png),
+        "folder as image": ([good_model, str(folder)], folder),
+        "wrong channel count": ([good_model, str(two_channels)], two_channels),
+        "not an ONNX model": ([str(text_model), str(good_image)], text_model),
+        "ONNX without metadata": ([str(bare_model), str(good_image)], bare_model),
+        "missing model": ([str(folder / "none.onnx"), str(good_image)], folder / "none.onnx"),
+    }
+
+
+def test_every_bad_input_exits_2_with_one_line_naming_the_file(project, tmp_path, capsys):
+    problems = {
+        "missing image": "image file not found",
+        "unreadable image": "not an image file Pillow can read",
+        "folder as image": "a folder, not an image file",
+        "wrong channel count": "array of shape (8, 8, 2); expected HxW or HxWxC",
+        "not an ONNX model": "not an ONNX model",
+        "ONNX without metadata": "ONNX model without the pipeline's metadata",
+        "missing model": "model file not found",
+    }
+    for case, (args, culprit) in _bad_inputs(project, tmp_path).items():
+        code, out, err = predict(capsys, *args)
+        assert code == 2, case
+        assert out == "", case
+        lines = err.splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"error: {culprit}: "), (case, err)
+        assert problems[case] in lines[0], (case, err)
+
+
+def test_argument_errors_exit_2(project, pngs, capsys):
+    model = str(project / paths.exported_model("fp32"))
+    code, _, err = predict(capsys, model, str(pngs[0][0]), "--top-k", "0")
+    assert code == 2 and "--top-k: got '0'; expected an integer >= 1" in err
+    code, _, err = predict(capsys, model)
+    assert code == 2 and "required: IMAGE" in err
+
+
+def test_the_installed_command_is_quiet_and_fails_without_a_traceback(project, pngs, tmp_path):
+    model = str(project / paths.exported_model("int8"))
+    command = [str(VENV_BIN / "pipeline"), "predict", model, *map(str, pngs[0][:3]), "--json"]
+    process = subprocess.run(command, capture_output=True, text=True, env=subprocess_env())
+    assert process.returncode == 0 and process.stderr == ""  # no ONNX Runtime log lines
+    assert len(json.loads(process.stdout)) == 3
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    command = [str(VENV_BIN / "pipeline"), "predict", model, str(bad)]
+    process = subprocess.run(command, capture_output=True, text=True, env=subprocess_env())
+    assert process.returncode == 2 and process.stdout == ""
+    assert process.stderr.splitlines() == [f"error: {bad}: not an image file Pillow can read"]
