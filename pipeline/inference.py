@@ -111,6 +111,26 @@ class OnnxClassifier:
         self.mean = np.asarray(parsed["mean"], dtype=np.float32).reshape(1, -1, 1, 1)
         self.std = np.asarray(parsed["std"], dtype=np.float32).reshape(1, -1, 1, 1)
         self.batch_size = batch_size
+        self._check_graph()
+
+    def _check_graph(self) -> None:
+        """The graph's input and output sizes must match the metadata (fixed dims only)."""
+        input_dims = self.session.get_inputs()[0].shape[1:]
+        output_dims = self.session.get_outputs()[0].shape[1:]
+        fixed = [(a, b) for a, b in zip(input_dims, self.input_shape, strict=False)]
+        if len(input_dims) != 3 or any(isinstance(a, int) and a != b for a, b in fixed):
+            raise InvalidModel(
+                f"{self.path}: graph input {input_dims} does not match the metadata's "
+                f"input_shape {list(self.input_shape)}"
+            )
+        if (
+            output_dims
+            and isinstance(output_dims[-1], int)
+            and output_dims[-1] != len(self.classes)
+        ):
+            raise InvalidModel(
+                f"{self.path}: {output_dims[-1]} outputs but {len(self.classes)} class names"
+            )
 
     def __repr__(self) -> str:
         return (

@@ -119,12 +119,24 @@ def test_each_exported_variant_classifies_real_digits_quietly(project, digits, c
 def test_bad_models_raise_one_line_naming_the_file(tmp_path):
     text = tmp_path / "notes.onnx"
     text.write_text("this is not a model\n")
+    net = create_model("cnn", 10, 1, 8, widths=(8,))
     bare = tmp_path / "bare.onnx"
-    onnx_tools.export_onnx(create_model("cnn", 10, 1, 8, widths=(8,)), bare, (1, 8, 8))
+    onnx_tools.export_onnx(net, bare, (1, 8, 8))
+    meta = {"mean": [0.5], "std": [0.5], "input_layout": "NCHW"}
+    three_names = tmp_path / "three_names.onnx"
+    onnx_tools.export_onnx(
+        net, three_names, (1, 8, 8), meta | {"classes": ["a", "b", "c"], "input_shape": [1, 8, 8]}
+    )
+    rgb_claim = tmp_path / "rgb_claim.onnx"
+    rgb_meta = {"classes": list("0123456789"), "input_shape": [3, 8, 8]}
+    rgb_meta |= {"mean": [0.5] * 3, "std": [0.5] * 3}
+    onnx_tools.export_onnx(net, rgb_claim, (1, 8, 8), meta | rgb_meta)
     cases = {
         tmp_path / "missing.onnx": "model file not found",
         text: "not an ONNX model",
         bare: "without the pipeline's metadata (missing classes, mean, std, input_shape",
+        three_names: "10 outputs but 3 class names",
+        rgb_claim: "graph input [1, 8, 8] does not match the metadata's input_shape [3, 8, 8]",
     }
     for path, problem in cases.items():
         with pytest.raises(InvalidModel) as err:
