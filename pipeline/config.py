@@ -76,6 +76,7 @@ class TrainConfig:
     label_smoothing: float = field(default=0.0, metadata=_check(lambda x: 0 <= x < 1, "0..1"))
     augment: Literal["auto", "none", "crop", "crop_flip"] = "auto"
     amp: bool = True  # bf16 autocast on CUDA (ignored on CPU)
+    channels_last: bool = True  # NHWC memory format on CUDA (ignored on CPU)
     compile: bool = False  # torch.compile the model (CUDA)
 
 

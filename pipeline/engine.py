@@ -174,7 +174,7 @@ def fit(
     torch.manual_seed(seed)
     generator = torch.Generator(device=device).manual_seed(seed)
     model.to(device)
-    if device.type == "cuda":
+    if device.type == "cuda" and cfg.channels_last:
         model.to(memory_format=torch.channels_last)
     step_model = torch.compile(model) if cfg.compile else model
     x_train, y_train = data.x["train"], data.y["train"]

@@ -150,7 +150,7 @@ def trial_rows(study: optuna.Study) -> list[dict]:
                 "state": t.state.name,
                 **{k: t.params.get(k) for k in ("lr", "batch_size", "weight_decay")},
                 "value": t.value,
-                "epochs_run": t.user_attrs.get("epochs_run", 0),
+                "epochs_run": t.user_attrs.get("epochs_run", len(t.intermediate_values)),
                 "seconds": t.user_attrs.get("seconds"),
                 "worker": t.user_attrs.get("worker"),
                 "fail_reason": t.user_attrs.get("fail_reason", ""),

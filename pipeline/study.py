@@ -180,6 +180,7 @@ def make_objective(
         hp = _suggest(trial, params)
         retried = _retried_trial_number(trial)
         trial.set_user_attr("worker", worker)
+        trial.set_user_attr("device", str(data.device))
         tags = {
             "trial_number": trial.number,
             "state": "RUNNING",
@@ -199,8 +200,11 @@ def make_objective(
             run.log_params({**hp, "trial_number": trial.number})
         start = time.perf_counter()
 
+        epochs_run = 0
+
         def on_epoch(epoch: int, metrics: dict) -> None:
-            trial.set_user_attr("epochs_run", epoch)
+            nonlocal epochs_run
+            epochs_run = epoch
             if run is not None:
                 run.log_metrics({k: metrics[k] for k in ("train_loss", "val_accuracy")}, epoch)
             trial.report(metrics["val_accuracy"], epoch)
@@ -225,6 +229,7 @@ def make_objective(
         finally:
             seconds = round(time.perf_counter() - start, 3)
             trial.set_user_attr("seconds", seconds)
+            trial.set_user_attr("epochs_run", epochs_run)
             if reason:
                 trial.set_user_attr("fail_reason", reason)
             if run is not None:

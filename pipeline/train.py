@@ -38,7 +38,8 @@ def load_device_data(params: Params, worker_index: int = 0) -> DeviceData:
     device = resolve_device(params.device)
     if device.type == "cuda" and torch.cuda.device_count() > 1:
         device = torch.device("cuda", worker_index % torch.cuda.device_count())
-    return DeviceData(load_prepared(paths.PREPARED_DIR), device, device.type == "cuda")
+    channels_last = device.type == "cuda" and params.train.channels_last
+    return DeviceData(load_prepared(paths.PREPARED_DIR), device, channels_last)
 
 
 def train_and_evaluate(
