@@ -28,6 +28,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import itertools
+import json
 import sys
 import warnings
 from collections.abc import Callable
@@ -74,6 +75,7 @@ class PruneAttempt:
     within_budget: bool
     status: str  # "ok", or "diverged" when fine-tuning blew up
     finetune_seconds: float = 0.0
+    same_widths_as: float | None = None  # an earlier ratio that gave the same network
     model: nn.Module | None = field(default=None, repr=False)
 
     def record(self) -> dict:
@@ -225,8 +227,48 @@ def prune_attempt(
     within, _ = judge(accuracy, reference, params.compress.max_accuracy_drop)
     seconds = round(sum(f.train_seconds for f in fits), 3)
     return PruneAttempt(
-        ratio, accuracy, macs, n_params, within and status == "ok", status, seconds, model
+        ratio,
+        accuracy,
+        macs,
+        n_params,
+        within and status == "ok",
+        status,
+        finetune_seconds=seconds,
+        model=model,
     )
+
+
+def pruned_widths(
+    model: nn.Module, data: DeviceData, ratio: float, cfg: CompressConfig, train_cfg: TrainConfig
+) -> str:
+    """The layer widths that pruning `model` to `ratio` gives (pruned without fine-tuning)."""
+    probe = copy.deepcopy(model)
+    no_finetune = dataclasses.replace(cfg, finetune_epochs=0)
+    prune_and_finetune(probe, data, ratio, no_finetune, train_cfg)
+    return json.dumps(pruned_spec(model, probe)["layers"], sort_keys=True)
+
+
+def reuse_equal_widths(
+    attempt: Callable[[float], PruneAttempt], widths: Callable[[float], str]
+) -> Callable[[float], PruneAttempt]:
+    """Wrap `attempt` so a ratio that gives already-tried widths reuses that attempt.
+
+    With `round_to`, nearby ratios often give the same network (a 16-channel layer stays at 8
+    for every ratio in (0.25, 0.5]); bisection would fine-tune it again for nothing.
+    """
+    tried: dict[str, PruneAttempt] = {}
+
+    def cached(ratio: float) -> PruneAttempt:
+        key = widths(ratio)
+        if key in tried:
+            first = tried[key]
+            return dataclasses.replace(
+                first, ratio=ratio, finetune_seconds=0.0, same_widths_as=first.ratio
+            )
+        tried[key] = attempt(ratio)
+        return tried[key]
+
+    return cached
 
 
 def search_ratio(
@@ -352,9 +394,10 @@ def run(
     dense, dense_pred = measure("dense_fp32", files["dense_fp32"], data, params.device, dense_size)
     dense.accepted, dense.reason = True, "reference: the tuned model"
 
-    def attempt(ratio: float) -> PruneAttempt:
-        return prune_attempt(tuned, data, resolved, dense.accuracy, ratio, on_epoch)
-
+    attempt = reuse_equal_widths(
+        lambda ratio: prune_attempt(tuned, data, resolved, dense.accuracy, ratio, on_epoch),
+        lambda ratio: pruned_widths(tuned, data, ratio, cfg, resolved.train),
+    )
     chosen, attempts = search_ratio(cfg.prune_ratio, cfg.backoff_steps, attempt)
     export_variants(chosen.model, files, data, metadata, resolved)
     size = (chosen.params, chosen.macs)
@@ -463,6 +506,8 @@ def write_outputs(outcome: CompressOutcome, info: dict) -> None:
 
 def log_outcome(tracker, outcome: CompressOutcome) -> None:
     """Every variant's metrics, the ratios tried, accepted flags as tags, plot and ONNX files."""
+    # the fine-tuning hyperparameters come from the tuned checkpoint, not params.yaml's `train`
+    tracker.log_params({"finetune": dataclasses.asdict(outcome.params.train)})
     flat = {k: v for k, v in outcome.metrics.items() if not isinstance(v, (list, bool))}
     tracker.log_metrics(flat)
     for i, attempt in enumerate(outcome.attempts):

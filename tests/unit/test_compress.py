@@ -137,6 +137,32 @@ def test_backoff_bisects_to_the_largest_ratio_within_budget():
     assert len(tried) == 1 and not chosen.within_budget
 
 
+def test_ratios_that_round_to_the_same_widths_are_fine_tuned_once(data):
+    params = parse_params({"model": {"name": "cnn", "widths": [16, 32]}})
+    model = build_model(arch_spec(params, data.info))
+    cfg = dataclasses.replace(params.compress, prune_steps=1)
+
+    def widths(ratio):
+        return compress.pruned_widths(model, data, ratio, cfg, params.train)
+
+    assert json.loads(widths(0.5))["features.0.0"] == {"out_channels": 8}
+    assert json.loads(widths(0.25))["features.2.0"]["out_channels"] == 24
+    assert widths(0.3) == widths(0.5) != widths(0.25)
+    assert model.features[0][0].out_channels == 16  # probing leaves the model alone
+
+    calls = []
+
+    def attempt(ratio):
+        calls.append(ratio)
+        return compress.PruneAttempt(ratio, 0.9, 100, 10, False, "ok", finetune_seconds=3.0)
+
+    cached = compress.reuse_equal_widths(attempt, widths)
+    first, again, other = cached(0.5), cached(0.3), cached(0.25)
+    assert calls == [0.5, 0.25]
+    assert again.ratio == 0.3 and again.same_widths_as == 0.5 and again.finetune_seconds == 0
+    assert first.same_widths_as is None and other.same_widths_as is None
+
+
 def test_judge_allows_exactly_the_budget():
     assert compress.judge(0.97, 0.98, 0.01)[0]
     assert compress.judge(0.99, 0.98, 0.0)[0]
@@ -291,7 +317,7 @@ def test_stage_writes_checkpoint_onnx_metrics_and_plots(stage_run, trained, data
     assert (project / "plots" / "compression.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_stage_logs_one_mlflow_run_with_metrics_and_artifacts(stage_run):
+def test_stage_logs_one_mlflow_run_with_metrics_and_artifacts(stage_run, trained):
     client = MlflowClient(tracking_uri=f"sqlite:///{stage_run / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("tests")
     (run,) = client.search_runs([experiment.experiment_id], "tags.stage = 'compress'")
@@ -299,6 +325,7 @@ def test_stage_logs_one_mlflow_run_with_metrics_and_artifacts(stage_run):
     assert run.data.metrics["int8_accuracy"] == pytest.approx(m["int8_accuracy"])
     assert run.data.metrics["macs_after"] == m["macs_after"]
     assert run.data.params["compress.prune_ratio"] == "0.5"
+    assert run.data.params["finetune.lr"] == str(trained[0].train.lr)
     assert run.data.tags["pruned_int8_accepted"] == str(m["int8_accepted"])
     curve = client.get_metric_history(run.info.run_id, "finetune_val_accuracy")
     assert sorted(p.step for p in curve) == [1, 2, 3]  # 1 epoch between steps, 2 after the last
