@@ -10,9 +10,7 @@ import torch
 from PIL import Image
 
 from pipeline import onnx_tools, paths
-from pipeline.config import ExportConfig
 from pipeline.data import DeviceData, load_prepared
-from pipeline.export_checks import gpu_check
 from pipeline.inference import InvalidImage, InvalidModel, OnnxClassifier
 from pipeline.models import create_model
 from tests.export_helpers import exported_project
@@ -170,24 +168,3 @@ def test_cuda_without_a_gpu_warns_and_runs_on_the_cpu(project, digits):
     assert onnx_tools.gpu_providers() == []
     with pytest.raises(ValueError, match="device: got 'tpu'"):
         OnnxClassifier(project / paths.exported_model("fp32"), device="tpu")
-
-
-@pytest.mark.gpu
-def test_cuda_provider_runs_every_variant_and_agrees_with_the_cpu(project, digits):
-    images = list(digits[0])
-    assert "CUDAExecutionProvider" in onnx_tools.gpu_providers()
-    for name in VARIANT_NAMES:
-        path = project / paths.exported_model(name)
-        gpu = OnnxClassifier(path, device="cuda")
-        assert gpu.provider == "CUDAExecutionProvider"
-        cpu = OnnxClassifier(path, device="cpu")
-        agree = (_top1(gpu.predict(images, top_k=1)) == _top1(cpu.predict(images, top_k=1))).mean()
-        assert agree >= 0.99, (name, agree)
-        x = cpu.preprocess(images)
-        cpu_logits = onnx_tools.run_logits(cpu.session, x)
-        records, sessions = gpu_check(
-            name, path.read_bytes(), x, cpu_logits, ExportConfig(), ["CUDAExecutionProvider"]
-        )
-        assert records[0]["ran"] and records[0]["passed"], records
-        timing = onnx_tools.benchmark(sessions["CUDAExecutionProvider"], x, 64, 2, 10)
-        assert timing["latency_ms_p50_b1"] > 0
