@@ -13,15 +13,16 @@ import numpy as np
 import onnx
 import pytest
 import torch
+import yaml
 from mlflow.tracking import MlflowClient
 from onnx import numpy_helper
 
-from pipeline import export, paths
+from pipeline import export, onnx_tools, paths
 from pipeline.config import ExportConfig, load_params
 from pipeline.errors import DataError, StageFailed
 from pipeline.export_checks import check_parity, gpu_status
 from pipeline.io import sha256_file
-from tests.conftest import run_module
+from tests.conftest import run_module, write_params
 from tests.export_helpers import exported_project
 
 VARIANT_NAMES = ["fp32", "pruned_fp32", "int8", "fp16"]
@@ -260,3 +261,19 @@ def test_missing_compress_outputs_name_the_file(project, tmp_path, monkeypatch):
     assert process.stderr.strip().splitlines() == [
         "error: models/compressed/pruned_int8.onnx: not found; run the compress stage first"
     ]
+
+
+def test_with_tracking_off_the_stage_exports_without_mlflow(project, tmp_path, monkeypatch):
+    for folder in ("data", "models", "metrics"):
+        shutil.copytree(project / folder, tmp_path / folder)
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["tracking"]["enabled"] = False
+    write_params(tmp_path, params)
+    monkeypatch.chdir(tmp_path)
+    export.main([])
+    manifest = json.loads(paths.EXPORT_MANIFEST.read_text())
+    assert sum(e["recommended"] for e in manifest["variants"]) == 1
+    for entry in manifest["variants"]:
+        assert sha256_file(entry["path"]) == entry["sha256"]
+        assert onnx_tools.read_metadata(entry["path"])["source_run"] == "untracked"
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlruns").exists()
