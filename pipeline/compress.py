@@ -57,12 +57,13 @@ VARIANT_FILES = {
     "pruned_int8": paths.PRUNED_INT8_ONNX.name,
     "pruned_fp16": paths.PRUNED_FP16_ONNX.name,
 }
+# variant -> prefix of its flat keys in metrics/compress.json (`int8_accuracy`, ...)
 SHORT_NAMES = {
     "dense_fp32": "tuned",
     "pruned_fp32": "pruned",
     "pruned_int8": "int8",
     "pruned_fp16": "fp16",
-}  # prefixes of the flat keys in metrics/compress.json
+}
 PLOT_COLUMNS = ["name", "accuracy", "size_bytes", "params", "macs", "accepted"]
 
 

@@ -1,0 +1,89 @@
+"""The compress stage inside the real `dvc repro` (tiny params), read back as export would."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from mlflow.tracking import MlflowClient
+
+from pipeline import onnx_tools
+from pipeline.checkpoint import load_checkpoint
+from pipeline.data import load_prepared
+
+pytestmark = pytest.mark.slow
+
+ONNX_FILES = ["dense_fp32.onnx", "pruned_fp32.onnx", "pruned_int8.onnx", "pruned_fp16.onnx"]
+
+
+def test_compress_stage_wrote_every_variant_and_judged_it(e2e_project):
+    project, output = e2e_project
+    assert "Running stage 'compress'" in output
+    m = json.loads((project / "metrics" / "compress.json").read_text())
+    assert m["macs_before"] > m["macs_after"] > 0 and m["params_before"] > m["params_after"] > 0
+    attempts = m["attempts"]
+    assert attempts[0]["ratio"] == m["prune_ratio_requested"] == 0.5
+    within = [a["ratio"] for a in attempts if a["within_budget"]]
+    # the largest ratio within budget is kept; back-off only when the first ratio was over it
+    if within:
+        assert m["prune_ratio"] == max(within)
+    else:
+        assert m["pruned_accepted"] is False
+    assert len(attempts) == 1 or not attempts[0]["within_budget"]
+    by_ratio = {a["ratio"]: a for a in attempts}
+    for a in attempts:  # a ratio that gives already-tried widths is not fine-tuned again
+        if a["same_widths_as"] is not None:
+            same = by_ratio[a["same_widths_as"]]
+            assert (a["macs"], a["accuracy"], a["finetune_seconds"]) == (
+                same["macs"],
+                same["accuracy"],
+                0,
+            )
+    for v in m["variants"]:
+        path = project / v["path"]
+        assert path.name in ONNX_FILES and path.stat().st_size == v["size_bytes"]
+        assert v["accepted"] == (v["accuracy"] >= m["tuned_accuracy"] - m["max_accuracy_drop"])
+        assert v["reason"]
+    assert [v["name"] for v in m["variants"]] == [f.removesuffix(".onnx") for f in ONNX_FILES]
+    assert m["int8_agreement"] >= 0.99 and m["fp16_agreement"] >= 0.99
+    rows = (project / "plots" / "compression.csv").read_text().splitlines()
+    assert len(rows) == 1 + 4
+    assert (project / "plots" / "compression.png").read_bytes()[:4] == b"\x89PNG"
+    lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]["compress"]
+    assert {o["path"] for o in lock["outs"]} == {
+        "models/compressed",
+        "metrics/compress.json",
+        "plots/compression.csv",
+        "plots/compression.png",
+    }
+    assert lock["params"]["params.yaml"]["compress"]["finetune_epochs"] == 2
+
+
+def test_pruned_checkpoint_matches_its_onnx_file(e2e_project):
+    project, _ = e2e_project
+    blob = torch.load(project / "models/compressed/pruned.pt", weights_only=True)
+    assert blob["arch"]["pruned"]["layers"]  # narrower than the tuned model
+    model, _ = load_checkpoint(project / "models/compressed/pruned.pt")
+    x = load_prepared(project / "data" / "prepared").splits["test"][0][:64]
+    norm = blob["normalization"]
+    x = (x.float() / 255 - torch.tensor(norm["mean"]).view(1, -1, 1, 1)) / torch.tensor(
+        norm["std"]
+    ).view(1, -1, 1, 1)
+    session, _ = onnx_tools.make_session(project / "models/compressed/pruned_fp32.onnx", "cpu")
+    with torch.no_grad():
+        expected = model(x).numpy()
+    assert np.abs(onnx_tools.run_logits(session, x.numpy()) - expected).max() < 1e-4
+
+
+def test_compress_mlflow_run_has_variants_and_onnx_artifacts(e2e_project):
+    project, _ = e2e_project
+    client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("tests")
+    (run,) = client.search_runs([experiment.experiment_id], "tags.stage = 'compress'")
+    m = json.loads((project / "metrics" / "compress.json").read_text())
+    for key in ("tuned_accuracy", "pruned_accuracy", "int8_accuracy", "fp16_accuracy"):
+        assert run.data.metrics[key] == pytest.approx(m[key])
+    assert run.data.params["compress.prune_steps"] == "1"
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "onnx")}
+    assert artifacts == {f"onnx/{name}" for name in ONNX_FILES}
