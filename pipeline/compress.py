@@ -455,20 +455,25 @@ def tradeoff_plot(variants: list[Variant], max_drop: float, path: str | Path) ->
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for v in variants:
+    for i, v in enumerate(variants):
         color = "tab:green" if v.accepted else "tab:red"
         ax.scatter(v.size_bytes / 1024, v.accuracy, color=color, s=40, zorder=3)
-        ax.annotate(
+        ax.annotate(  # staggered above / below: variants often share an accuracy
             v.name,
             (v.size_bytes / 1024, v.accuracy),
             textcoords="offset points",
-            xytext=(5, 4),
+            xytext=(4, 6 + 12 * (i // 2) if i % 2 else -12 - 12 * (i // 2)),
             fontsize=8,
         )
-    budget = variants[0].accuracy - max_drop
-    ax.axhline(budget, color="gray", linestyle="--", linewidth=1, label="accuracy budget")
-    ax.set_xscale("log")
-    ax.set_xlabel("ONNX file size (KiB, log scale)")
+    ax.axhline(
+        variants[0].accuracy - max_drop,
+        color="gray",
+        linestyle="--",
+        linewidth=1,
+        label="accuracy budget",
+    )
+    ax.margins(x=0.15, y=0.15)
+    ax.set_xlabel("ONNX file size (KiB)")
     ax.set_ylabel("test top-1 accuracy")
     ax.set_title("compression: accepted (green) / rejected (red)")
     ax.legend(loc="lower right")
