@@ -8,11 +8,11 @@ Writes: `models/compressed/` (`pruned.pt`: checkpoint with the pruned widths, te
 the params, every variant's metrics, the fine-tuning curves, the plot and the ONNX files.
 Run: `dvc repro compress`, `pipeline compress` or `python -m pipeline.compress`.
 
-1. Torch-Pruning (DepGraph) removes `compress.prune_ratio` of the channels of every prunable
-   layer (L2 magnitude importance; the classifier and a torchvision input adapter are kept;
-   widths rounded to a multiple of `round_to`) in `prune_steps` steps. The shared engine
-   fine-tunes after each step: `finetune_epochs // prune_steps` epochs (at least 1) between
-   steps, `finetune_epochs` after the last.
+1. `pipeline.pruning` (Torch-Pruning, DepGraph) removes `compress.prune_ratio` of the channels
+   of every prunable layer (L2 magnitude importance; the classifier and a torchvision input
+   adapter are kept; widths rounded to a multiple of `round_to`) in `prune_steps` steps. The
+   shared engine fine-tunes after each step: `finetune_epochs // prune_steps` epochs (at least
+   1) between steps, `finetune_epochs` after the last.
 2. Guard: the tuned model's test accuracy (ONNX Runtime) is the reference. A pruned model that
    loses more than `max_accuracy_drop` makes the stage bisect the ratio between 0 and
    `prune_ratio` for `backoff_steps` steps; it keeps the largest ratio within budget, or, when
@@ -28,7 +28,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import itertools
-import json
 import sys
 import warnings
 from collections.abc import Callable
@@ -41,13 +40,13 @@ from torch import nn
 
 from pipeline import onnx_tools, paths
 from pipeline.checkpoint import build_model, load_checkpoint, pruned_spec, save_checkpoint
-from pipeline.config import CompressConfig, Params, TrainConfig, load_params, parse_params
+from pipeline.config import CompressConfig, Params, load_params, parse_params
 from pipeline.data import DeviceData
-from pipeline.engine import EpochCallback, FitResult, evaluate, fit
+from pipeline.engine import EpochCallback, evaluate
 from pipeline.errors import ConfigError, DataError, cli_entry
 from pipeline.io import write_json
-from pipeline.models import ChannelAdapter
 from pipeline.plots import save_figure, write_csv
+from pipeline.pruning import count_macs_params, prune_and_finetune, pruned_widths
 from pipeline.tracking import stage_run
 from pipeline.train import load_device_data
 
@@ -112,90 +111,6 @@ class CompressOutcome:
     params: Params  # the tuned model's resolved params with this run's `compress`
 
 
-def count_macs_params(model: nn.Module, example: torch.Tensor) -> tuple[int, int]:
-    """(multiply-accumulates for one image, parameters), counted by Torch-Pruning."""
-    import torch_pruning as tp
-
-    macs, n_params = tp.utils.count_ops_and_params(model.eval(), example[:1])
-    return int(macs), int(n_params)
-
-
-def protected_layers(model: nn.Module, example: torch.Tensor) -> list[nn.Module]:
-    """Layers whose output width must stay: the classifier (the last conv / linear to run)
-    and the 1x1 conv that adapts the input channels of a torchvision model."""
-    ran = []
-    hooks = [
-        m.register_forward_hook(lambda module, inputs, output: ran.append(module))
-        for m in model.modules()
-        if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))
-    ]
-    try:
-        with torch.no_grad():
-            model.eval()(example[:1])
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return ran[-1:] + [m.adapt for m in model.modules() if isinstance(m, ChannelAdapter)]
-
-
-def finetune_schedule(cfg: CompressConfig) -> list[int]:
-    """Fine-tuning epochs after each pruning step (0: none)."""
-    if cfg.finetune_epochs == 0:
-        return [0] * cfg.prune_steps
-    between = max(1, cfg.finetune_epochs // cfg.prune_steps)
-    return [between] * (cfg.prune_steps - 1) + [cfg.finetune_epochs]
-
-
-def prune_and_finetune(
-    model: nn.Module,
-    data: DeviceData,
-    ratio: float,
-    cfg: CompressConfig,
-    train_cfg: TrainConfig,
-    *,
-    seed: int = 0,
-    on_epoch: EpochCallback | None = None,
-) -> list[FitResult]:
-    """Prune `model` in place to `ratio` in `cfg.prune_steps` steps, fine-tuning after each.
-
-    Returns the engine's result of every fine-tune; stops after one that diverged.
-    """
-    import torch_pruning as tp
-
-    if ratio == 0:
-        return []
-    example = data.x["train"][:2]
-    model.to(data.device).eval()
-    pruner = tp.pruner.MetaPruner(
-        model,
-        example,
-        importance=tp.importance.MagnitudeImportance(p=2),
-        pruning_ratio=ratio,
-        iterative_steps=cfg.prune_steps,
-        round_to=cfg.round_to if cfg.round_to > 1 else None,
-        ignored_layers=protected_layers(model, example),
-    )
-    results = []
-    for step, epochs in enumerate(finetune_schedule(cfg), start=1):
-        pruner.step()
-        if epochs == 0:
-            continue
-        description = f"fine-tune {step}/{cfg.prune_steps} (ratio {ratio:g})"
-        result = fit(
-            model,
-            data,
-            train_cfg,
-            seed=seed + step,
-            epochs=epochs,
-            on_epoch=on_epoch,
-            description=description,
-        )
-        results.append(result)
-        if result.status != "ok":
-            break
-    return results
-
-
 def judge(accuracy: float, reference: float, max_drop: float) -> tuple[bool, str]:
     """(accepted, why): a variant may lose at most `max_drop` accuracy against `reference`."""
     drop = reference - accuracy
@@ -237,16 +152,6 @@ def prune_attempt(
         finetune_seconds=seconds,
         model=model,
     )
-
-
-def pruned_widths(
-    model: nn.Module, data: DeviceData, ratio: float, cfg: CompressConfig, train_cfg: TrainConfig
-) -> str:
-    """The layer widths that pruning `model` to `ratio` gives (pruned without fine-tuning)."""
-    probe = copy.deepcopy(model)
-    no_finetune = dataclasses.replace(cfg, finetune_epochs=0)
-    prune_and_finetune(probe, data, ratio, no_finetune, train_cfg)
-    return json.dumps(pruned_spec(model, probe)["layers"], sort_keys=True)
 
 
 def reuse_equal_widths(
