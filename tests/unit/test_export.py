@@ -141,16 +141,11 @@ def test_mlflow_export_run_logs_models_and_registers_the_champion(project):
     assert [a.path for a in client.list_artifacts(run.info.run_id, "export")] == [
         "export/manifest.json"
     ]
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    try:
-        logged = mlflow.search_logged_models(
-            experiment_ids=[run.info.experiment_id], output_format="list"
-        )
-        assert sorted(m.name for m in logged) == sorted(f"model_{n}" for n in VARIANT_NAMES)
-        model = mlflow.onnx.load_model(f"models:/{name}@champion")
-    finally:
-        mlflow.set_tracking_uri(previous)
+    # MlflowClient only: mlflow.set_tracking_uri would leak MLFLOW_TRACKING_URI to later tests
+    logged = client.search_logged_models(experiment_ids=[run.info.experiment_id])
+    assert sorted(m.name for m in logged) == sorted(f"model_{n}" for n in VARIANT_NAMES)
+    location = client.get_model_version_download_uri(name, champion.version)
+    model = mlflow.onnx.load_model(location)
     meta = {p.key: p.value for p in model.metadata_props}
     assert meta["variant"] == recommended["name"] and meta["source_run"] == run.info.run_id
 
