@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -255,6 +256,13 @@ def reconcile_stale_runs(params: Params, study: optuna.Study) -> int:
     return changed
 
 
+def _fail_stale_trials(study: optuna.Study) -> None:
+    """Fail (and re-queue) trials whose worker stopped sending heartbeats (RDB storages)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+
+
 def run_worker(
     study: optuna.Study,
     objective: Callable,
@@ -263,15 +271,20 @@ def run_worker(
     on_progress: Callable[[dict], None] | None = None,
 ) -> None:
     """Run trials until `n_trials` are finished (or the deadline passes)."""
+    waited = False
     while True:
-        if isinstance(study._storage, optuna.storages.RDBStorage):
-            optuna.storages.fail_stale_trials(study)
+        _fail_stale_trials(study)
         c = counts(study)
         if on_progress is not None:
             on_progress(c)
         if c["finished"] >= n_trials or (deadline is not None and time.time() > deadline):
             return
         if c["finished"] + c["running"] >= n_trials and not c["waiting"]:
-            time.sleep(0.5)  # others' trials are running; some may still fail
+            if not waited:  # others' trials are running; some may still fail
+                print(f"search: waiting for {c['running']} running trial(s) of other workers "
+                      f"(a dead worker's trial is retried after {GRACE_PERIOD_S} s)",
+                      file=sys.stderr)
+                waited = True
+            time.sleep(0.5)
             continue
         study.optimize(objective, n_trials=1, catch=(TrialFailed,))
