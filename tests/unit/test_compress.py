@@ -3,6 +3,7 @@
 import copy
 import json
 
+import mlflow
 import numpy as np
 import onnx
 import pytest
@@ -204,9 +205,13 @@ def stage_run(trained, digits, tmp_path_factory):
     (project / "models").mkdir()
     (project / "models" / "tuned.pt").write_bytes(trained[2].read_bytes())
     with pytest.MonkeyPatch.context() as patch:
-        patch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        # mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI: setenv restores it afterwards
+        patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{project / 'mlflow.db'}")
         patch.chdir(project)
-        compress.main([])
+        try:
+            compress.main([])
+        finally:
+            mlflow.set_tracking_uri(None)  # a process-wide setting: later tests choose their own
     return project
 
 
