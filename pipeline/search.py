@@ -32,6 +32,7 @@ from pipeline.errors import StageFailed, cli_entry
 from pipeline.io import read_json, write_json
 from pipeline.plots import search_plots, write_csv
 from pipeline.study import (
+    enqueue_current_params,
     load_study,
     make_objective,
     reconcile_stale_runs,
@@ -105,7 +106,9 @@ def run_study(
     """Run the study to `search.n_trials` finished trials with `search.workers` processes."""
     s = params.search
     study = load_study(params, name, salt=len(_existing(params, name)))
-    study.set_user_attr("mlflow_parent_run_id", parent_run_id)
+    if parent_run_id:
+        study.set_user_attr("mlflow_parent_run_id", parent_run_id)
+    enqueue_current_params(study, params)
     reconcile_stale_runs(params, study)
     deadline = time.time() + s.timeout_s if s.timeout_s else None
     context = multiprocessing.get_context("spawn")

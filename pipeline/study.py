@@ -126,6 +126,24 @@ def load_study(params: Params, name: str, salt: int = 0) -> optuna.Study:
         ) from None
 
 
+def enqueue_current_params(study: optuna.Study, params: Params) -> bool:
+    """A new study's first trial runs params.yaml's own lr / batch size / weight decay (when
+    they lie in the space), so the search starts from what the user has, never below it."""
+    train, space = params.train, params.search.space
+    inside = (
+        space.lr[0] <= train.lr <= space.lr[1]
+        and train.batch_size in space.batch_size
+        and space.weight_decay[0] <= train.weight_decay <= space.weight_decay[1]
+    )
+    if study.trials or not inside:
+        return False
+    study.enqueue_trial(
+        {"lr": train.lr, "batch_size": train.batch_size, "weight_decay": train.weight_decay},
+        user_attrs={"source": "params.yaml"},
+    )
+    return True
+
+
 def counts(study: optuna.Study) -> dict[str, int]:
     trials = study.get_trials(deepcopy=False)
     by_state = {state: 0 for state in TrialState}
@@ -281,9 +299,11 @@ def run_worker(
             return
         if c["finished"] + c["running"] >= n_trials and not c["waiting"]:
             if not waited:  # others' trials are running; some may still fail
-                print(f"search: waiting for {c['running']} running trial(s) of other workers "
-                      f"(a dead worker's trial is retried after {GRACE_PERIOD_S} s)",
-                      file=sys.stderr)
+                print(
+                    f"search: waiting for {c['running']} running trial(s) of other workers "
+                    f"(a dead worker's trial is retried after {GRACE_PERIOD_S} s)",
+                    file=sys.stderr,
+                )
                 waited = True
             time.sleep(0.5)
             continue

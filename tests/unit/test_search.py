@@ -98,6 +98,14 @@ def test_unchanged_space_resumes_and_more_trials_runs_only_the_missing(
     first = search.run_study(params, data, "s", None, progress=False)
     first_params = [t.params for t in first.trials]
     assert len(first_params) == 3
+    # a new study starts from params.yaml's own values
+    train = params.train
+    assert first_params[0] == {
+        "lr": train.lr,
+        "batch_size": train.batch_size,
+        "weight_decay": train.weight_decay,
+    }
+    assert first.trials[0].user_attrs["source"] == "params.yaml"
     more = _params(tmp_path, tiny_params, n_trials=5, epochs=2, pruner="none")
     second = search.run_study(more, data, "s", None, progress=False)
     assert [t.number for t in second.trials] == [0, 1, 2, 3, 4]
