@@ -127,7 +127,22 @@ def stage_run(
         return
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri(params))
+    env_uri = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(tracking_uri(params))  # (MLflow also exports it to os.environ)
+    try:
+        with _start(mlflow, stage, params, dataset_sha256, run_name, nested, resume_run_id) as run:
+            yield run
+    finally:
+        # Leave the process as it was: a later stage run with another tracking.uri must not
+        # inherit this one through the environment.
+        if env_uri is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = env_uri
+
+
+@contextlib.contextmanager
+def _start(mlflow, stage, params, dataset_sha256, run_name, nested, resume_run_id):
     mlflow.set_experiment(params.tracking.experiment)
     if resume_run_id and not _run_exists(resume_run_id):
         resume_run_id = None

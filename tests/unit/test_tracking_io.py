@@ -1,0 +1,50 @@
+import os
+
+from mlflow.tracking import MlflowClient
+
+from pipeline.config import parse_params
+from pipeline.io import atomic_path, write_json
+from pipeline.tracking import stage_run
+
+
+def test_stage_runs_with_other_uris_in_one_process_write_to_their_own_store(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uris = [f"sqlite:///{tmp_path / name}" for name in ("a.db", "b.db")]
+    for uri in uris:
+        params = parse_params({"tracking": {"uri": uri, "experiment": "e"}})
+        with stage_run("train", params, "sha") as run:
+            run.log_params({"x": uri})
+    assert "MLFLOW_TRACKING_URI" not in os.environ
+    for uri in uris:
+        client = MlflowClient(tracking_uri=uri)
+        runs = client.search_runs([client.get_experiment_by_name("e").experiment_id])
+        assert [r.data.params["x"] for r in runs] == [uri]
+
+
+def test_resumed_run_records_changed_params_as_tags(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    params = parse_params({"tracking": {"uri": f"sqlite:///{tmp_path / 'm.db'}"}})
+    with stage_run("search", params) as run:
+        run.log_params({"n_trials": 4, "epochs": 3})
+    with stage_run("search", params, resume_run_id=run.run_id) as resumed:
+        resumed.log_params({"n_trials": 8, "epochs": 3, "new": 1})
+    assert resumed.run_id == run.run_id
+    data = MlflowClient(tracking_uri=params.tracking.uri).get_run(run.run_id).data
+    assert data.params == {"n_trials": "4", "epochs": "3", "new": "1"}
+    assert data.tags["changed.n_trials"] == "8"
+
+
+def test_atomic_writes_leave_no_temp_file_and_usual_permissions(tmp_path):
+    target = tmp_path / "out.json"
+    write_json(target, {"a": 1})
+    umask = os.umask(0)
+    os.umask(umask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~umask
+    try:
+        with atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("crash mid-write")
+    except RuntimeError:
+        pass
+    assert target.read_text().strip() == '{\n  "a": 1\n}'.strip()
+    assert [p.name for p in tmp_path.iterdir()] == ["out.json"]
