@@ -22,6 +22,17 @@ pytestmark = pytest.mark.gpu
 CUDA = "CUDAExecutionProvider"
 
 
+def _ort_has_cuda() -> bool:
+    import onnxruntime as ort
+
+    return CUDA in ort.get_available_providers()
+
+
+# A GPU machine may carry the CPU build of ONNX Runtime (no CUDA provider compiled in): then
+# the CUDA-provider tests skip and the fallback test below runs instead.
+needs_ort_cuda = pytest.mark.skipif(not _ort_has_cuda(), reason="ONNX Runtime has no CUDA EP")
+
+
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """(folder with fp32 / int8 / fp16 ONNX files carrying pipeline metadata, model, data)."""
@@ -47,6 +58,22 @@ def exported(tmp_path_factory):
     return folder, model, data
 
 
+def test_cpu_onnxruntime_on_a_gpu_machine_falls_back_and_says_why(exported):
+    if _ort_has_cuda():
+        pytest.skip("this ONNX Runtime has a CUDA provider")
+    status, providers = gpu_status(parse_params({"device": "auto"}))
+    assert providers == [] and status == "no GPU provider in this ONNX Runtime build"
+    folder, _, data = exported
+    with pytest.warns(UserWarning, match="using the CPU"):
+        clf = OnnxClassifier(folder / "model_fp32.onnx", device="cuda")
+    assert clf.provider == "CPUExecutionProvider"
+    logits = onnx_tools.run_logits(clf.session, data.x["test"].numpy())
+    assert (logits.argmax(1) == data.y["test"].numpy()).mean() >= 0.9
+    with pytest.raises(Exception, match="require_gpu"):
+        gpu_status(parse_params({"device": "auto", "export": {"require_gpu": True}}))
+
+
+@needs_ort_cuda
 def test_cuda_is_offered_only_because_a_gpu_works():
     assert CUDA in onnx_tools.gpu_providers()
     status, providers = gpu_status(parse_params({"device": "auto"}))
@@ -54,6 +81,7 @@ def test_cuda_is_offered_only_because_a_gpu_works():
     assert gpu_status(parse_params({"device": "cpu"})) == ("not requested (device: cpu)", [])
 
 
+@needs_ort_cuda
 @pytest.mark.parametrize("variant", ["fp32", "int8", "fp16"])
 def test_classifier_runs_on_cuda_and_agrees_with_the_cpu(exported, variant):
     folder, _, data = exported
@@ -76,6 +104,7 @@ def test_classifier_runs_on_cuda_and_agrees_with_the_cpu(exported, variant):
     assert timing["latency_ms_p50_b1"] > 0 and timing["throughput_b64"] > 0
 
 
+@needs_ort_cuda
 def test_export_run_checks_every_variant_on_the_gpu_and_times_it_there(exported):
     pytest.importorskip("matplotlib")  # pipeline.export draws the latency plot
     import onnx
