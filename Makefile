@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 repro: $(STAMP)
-	$(BIN)/dvc repro
+	$(BIN)/python -m dvc repro
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
