@@ -94,26 +94,27 @@ def export_onnx(
 
 
 def providers(device: str = "auto") -> list[str]:
-    """Providers to request, best first; GPU ones only when CUDA really works here."""
-    import onnxruntime as ort
-
-    available = ort.get_available_providers()
-    chosen = []
-    if device in ("auto", "cuda") and torch.cuda.is_available():
-        chosen = [p for p in ("CUDAExecutionProvider",) if p in available]
-    return chosen + ["CPUExecutionProvider"]
+    """Providers to request, best first: the working GPU ones (`gpu_providers`) unless
+    `device` is cpu, then the CPU."""
+    gpu = gpu_providers() if device in ("auto", "cuda") else []
+    return gpu + ["CPUExecutionProvider"]
 
 
-def make_session(path: str | Path, device: str = "auto", threads: int | None = None):
-    """(InferenceSession, provider that runs it). Quiet: warnings go to ORT's log, not stderr."""
+def _session(source: str | bytes, requested: list[str], threads: int | None):
+    """(InferenceSession, provider that really runs it). Quiet: ORT warnings stay in its log."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3  # errors only
     if threads:
         options.intra_op_num_threads = threads
-    session = ort.InferenceSession(str(path), sess_options=options, providers=providers(device))
+    session = ort.InferenceSession(source, sess_options=options, providers=requested)
     return session, session.get_providers()[0]
+
+
+def make_session(path: str | Path, device: str = "auto", threads: int | None = None):
+    """(InferenceSession, provider that runs it) with the best providers for `device`."""
+    return _session(str(path), providers(device), threads)
 
 
 def run_logits(session, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
@@ -276,18 +277,10 @@ def session_for(
     `model` is a path or serialized bytes. CPU is the fallback ONNX Runtime takes when the
     requested provider cannot start; compare the returned provider with the requested one.
     """
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3  # errors only
-    if threads:
-        options.intra_op_num_threads = threads
     requested = [provider]
     if provider != "CPUExecutionProvider":
         requested.append("CPUExecutionProvider")
-    source = model if isinstance(model, bytes) else str(model)
-    session = ort.InferenceSession(source, sess_options=options, providers=requested)
-    return session, session.get_providers()[0]
+    return _session(model if isinstance(model, bytes) else str(model), requested, threads)
 
 
 def benchmark(
