@@ -89,6 +89,7 @@ def write_compress_outputs(
     return metrics
 
 
+VARIANT_NAMES = ["fp32", "pruned_fp32", "int8", "fp16"]
 _PROJECT: dict[str, object] = {}
 
 

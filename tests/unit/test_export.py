@@ -23,20 +23,12 @@ from pipeline.errors import DataError, StageFailed
 from pipeline.export_checks import check_parity, gpu_status
 from pipeline.io import sha256_file
 from tests.conftest import run_module, write_params
-from tests.export_helpers import exported_project
+from tests.export_helpers import VARIANT_NAMES, exported_project
 
-VARIANT_NAMES = ["fp32", "pruned_fp32", "int8", "fp16"]
 MANIFEST_KEYS = {
     "name", "path", "sha256", "size_bytes", "params", "macs", "accuracy", "latency_ms_p50_b1",
     "latency_ms_p95_b1", "throughput_b64", "provider", "parity", "accepted", "recommended",
 }  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def project():
-    path, process = exported_project()
-    assert process.returncode == 0, process.stderr
-    return path
 
 
 @pytest.fixture

@@ -13,16 +13,7 @@ from pipeline import onnx_tools, paths
 from pipeline.data import DeviceData, load_prepared
 from pipeline.inference import InvalidImage, InvalidModel, OnnxClassifier
 from pipeline.models import create_model
-from tests.export_helpers import exported_project
-
-VARIANT_NAMES = ["fp32", "pruned_fp32", "int8", "fp16"]
-
-
-@pytest.fixture(scope="module")
-def project():
-    path, process = exported_project()
-    assert process.returncode == 0, process.stderr
-    return path
+from tests.export_helpers import VARIANT_NAMES
 
 
 @pytest.fixture(scope="module")
