@@ -88,16 +88,9 @@ def _worker_process(raw_params: dict, name: str, parent_run_id, index: int, dead
     params = parse_params(raw_params)
     torch.set_num_threads(_worker_threads(params.search.workers))
     data = load_device_data(params, index)
-    study = load_study(params, name, salt=1000 * index + len(_existing(params, name)))
+    study = load_study(params, name, worker=index)
     objective = make_objective(params, data, parent_run_id, _trial_trainer(params, data), index)
     run_worker(study, objective, params.search.n_trials, deadline)
-
-
-def _existing(params: Params, name: str) -> list:
-    try:
-        return optuna.load_study(study_name=name, storage=params.search.storage).trials
-    except KeyError:
-        return []
 
 
 def run_study(
@@ -105,7 +98,7 @@ def run_study(
 ) -> optuna.Study:
     """Run the study to `search.n_trials` finished trials with `search.workers` processes."""
     s = params.search
-    study = load_study(params, name, salt=len(_existing(params, name)))
+    study = load_study(params, name)
     if parent_run_id:
         study.set_user_attr("mlflow_parent_run_id", parent_run_id)
     enqueue_current_params(study, params)

@@ -79,7 +79,7 @@ def make_storage(url: str):
                     max_retry=3
                 ),
             )
-    return url
+    return optuna.storages.get_storage(url)
 
 
 def make_sampler(params: Params, salt: int = 0) -> optuna.samplers.BaseSampler:
@@ -106,14 +106,23 @@ def make_pruner(params: Params) -> optuna.pruners.BasePruner:
     return optuna.pruners.NopPruner()
 
 
-def load_study(params: Params, name: str, salt: int = 0) -> optuna.Study:
+def load_study(params: Params, name: str, worker: int = 0) -> optuna.Study:
+    """Create or resume study `name`. The sampler's seed depends on the worker and on how many
+    trials the study already holds, so workers and resumed runs do not repeat each other."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
+        storage = make_storage(params.search.storage)
+        try:
+            existing = len(
+                storage.get_all_trials(storage.get_study_id_from_name(name), deepcopy=False)
+            )
+        except KeyError:  # a new study
+            existing = 0
         return optuna.create_study(
-            storage=make_storage(params.search.storage),
+            storage=storage,
             study_name=name,
             direction="maximize",
-            sampler=make_sampler(params, salt),
+            sampler=make_sampler(params, salt=1000 * worker + existing),
             pruner=make_pruner(params),
             load_if_exists=True,
         )
