@@ -60,7 +60,7 @@ def train_and_evaluate(
     )
     metrics = {"status": result.status, "message": result.message}
     if result.status == "ok":
-        _, val_accuracy = evaluate(model, data.x["val"], data.y["val"], train_cfg.amp)
+        val_accuracy = result.val_accuracy  # the engine scored val after the last epoch
         test_loss, test_accuracy = evaluate(model, data.x["test"], data.y["test"], train_cfg.amp)
         metrics.update(
             val_accuracy=round(val_accuracy, 6),
