@@ -3,7 +3,10 @@
 - The whole split lives on the device as a normalised tensor (`pipeline.data.DeviceData`);
   batches are index slices from a seeded permutation, augmented on the device (random crop
   with padding, horizontal flip) - no DataLoader, no per-sample Python.
-- CUDA: bf16 autocast (when `train.amp`) and channels_last; optional `torch.compile`.
+- `train.channels_last`: NHWC memory format for model and batches while training, on every
+  device (on a 2-core CPU the CIFAR-shaped `cnn` trains 1.5x faster: max-pooling and oneDNN
+  convolutions skip their layout reorders); the model leaves `fit` in the default layout.
+- CUDA: bf16 autocast (`train.amp`); optional `torch.compile`.
 - `on_epoch(epoch, metrics)` is called after each epoch (Optuna pruning, MLflow logging live
   in the caller; this module never imports MLflow). It may raise to stop training.
 - A NaN / infinite loss ends training with `status="diverged"` and a message, not garbage.
@@ -85,11 +88,8 @@ def augment_batch(x: torch.Tensor, mode: str, generator: torch.Generator) -> tor
     if mode == "crop_flip":
         flip = torch.rand(n, device=x.device, generator=generator) < 0.5
         out = torch.where(flip[:, None, None, None], out.flip(3), out)
-    return (
-        out.contiguous(memory_format=torch.channels_last)
-        if x.is_contiguous(memory_format=torch.channels_last) and x.device.type == "cuda"
-        else out.contiguous()
-    )
+    keep = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else None
+    return out.contiguous(memory_format=keep or torch.contiguous_format)
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -174,10 +174,11 @@ def fit(
     torch.manual_seed(seed)
     generator = torch.Generator(device=device).manual_seed(seed)
     model.to(device)
-    if device.type == "cuda" and cfg.channels_last:
+    x_train, y_train = data.x["train"], data.y["train"]
+    channels_last = cfg.channels_last and x_train.dim() == 4
+    if channels_last:
         model.to(memory_format=torch.channels_last)
     step_model = torch.compile(model) if cfg.compile else model
-    x_train, y_train = data.x["train"], data.y["train"]
     n = len(y_train)
     batch_size = min(cfg.batch_size, n)
     steps_per_epoch = n // batch_size  # drop the last partial batch: stable BN statistics
@@ -202,6 +203,8 @@ def fit(
             for step in range(steps_per_epoch):
                 idx = order[step * batch_size : (step + 1) * batch_size]
                 xb, yb = augment_batch(x_train[idx], augment, generator), y_train[idx]
+                if channels_last:  # a no-op when the split is stored NHWC already
+                    xb = xb.contiguous(memory_format=torch.channels_last)
                 with autocast_context(device, cfg.amp):
                     logits = step_model(xb)
                     loss = F.cross_entropy(logits.float(), yb, label_smoothing=cfg.label_smoothing)
@@ -239,6 +242,8 @@ def fit(
                 on_epoch(epoch, metrics)
     finally:
         bar.close()
+        if channels_last:  # callers, checkpoints and exporters see the default layout
+            model.to(memory_format=torch.contiguous_format)
     images = steps_per_epoch * batch_size * result.epochs_run
     result.images_per_second = images / result.train_seconds if result.train_seconds else 0.0
     return result

@@ -38,6 +38,40 @@ def test_fit_learns_and_is_deterministic_on_cpu(digits, tiny_params):
     assert a.images_per_second > 0
 
 
+def _wide_conv(model):
+    """A conv with several input channels (a 1-channel weight is both NCHW and NHWC)."""
+    return [m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.in_channels > 1][0]
+
+
+def test_channels_last_trains_the_same_model_and_hands_back_the_default_layout(
+    digits, tiny_params
+):
+    results, models = [], []
+    for channels_last in (False, True):
+        params, data, model = _setup(digits, tiny_params)
+        cfg = dataclasses.replace(params.train, channels_last=channels_last)
+        seen = []
+        conv = _wide_conv(model)
+
+        def on_epoch(epoch, metrics, conv=conv, seen=seen):
+            seen.append(conv.weight.is_contiguous(memory_format=torch.channels_last))
+
+        results.append(fit(model, data, cfg, seed=0, on_epoch=on_epoch, progress=False))
+        models.append(model)
+        assert seen == [channels_last] * len(seen)  # NHWC only while training
+    dense, nhwc = results
+    conv = _wide_conv(models[1]).weight
+    assert conv.is_contiguous() and not conv.is_contiguous(memory_format=torch.channels_last)
+    # the same maths in another layout: equal up to float rounding
+    for a, b in zip(dense.history, nhwc.history, strict=True):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-3)
+        assert a["val_accuracy"] == pytest.approx(b["val_accuracy"], abs=0.01)
+    x = DeviceData(digits, torch.device("cpu")).x["test"]
+    torch.testing.assert_close(
+        predict_logits(models[0], x), predict_logits(models[1], x), atol=2e-3, rtol=1e-3
+    )
+
+
 def test_other_seed_gives_other_result(digits, tiny_params):
     params, data, model = _setup(digits, tiny_params)
     a = fit(model, data, params.train, seed=0, epochs=1, progress=False)
