@@ -59,6 +59,7 @@ def study_name(params: Params, dataset_sha256: str) -> str:
         "min_epochs": s.min_epochs,
         "sampler": s.sampler,
         "pruner": s.pruner,
+        "reduction_factor": s.reduction_factor,
         "seed": params.seed,
     }
     digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:10]
@@ -99,7 +100,7 @@ def make_pruner(params: Params) -> optuna.pruners.BasePruner:
     s = params.search
     if s.pruner == "hyperband":
         return optuna.pruners.HyperbandPruner(
-            min_resource=s.min_epochs, max_resource=s.epochs, reduction_factor=3
+            min_resource=s.min_epochs, max_resource=s.epochs, reduction_factor=s.reduction_factor
         )
     if s.pruner == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=s.min_epochs)

@@ -41,6 +41,7 @@ def test_defaults_match_params_yaml():
         ({"model": {"widths": [32, "x"]}}, "model.widths[1]", "an integer"),
         ({"model": {"depth": 9}}, "model.depth", "6n+2"),
         ({"device": "tpu"}, "device", "auto | cpu | cuda"),
+        ({"search": {"reduction_factor": 1}}, "search.reduction_factor", "2..100"),
         ({"seed": True}, "seed", "an integer"),
         ({"tracking": {"enabled": "yes"}}, "tracking.enabled", "true or false"),
         ({"bogus": 1}, "bogus", "unknown key"),

@@ -115,6 +115,8 @@ def test_unchanged_space_resumes_and_more_trials_runs_only_the_missing(
     assert study_name(params, sha) == study_name(more, sha)
     other = _params(tmp_path, tiny_params, space={"lr": [0.01, 0.1]})
     assert study_name(other, sha) != study_name(params, sha)
+    eager = _params(tmp_path, tiny_params, reduction_factor=2)
+    assert study_name(eager, sha) != study_name(_params(tmp_path, tiny_params), sha)
 
 
 def test_diverging_trials_fail_with_reason_and_study_goes_on(
