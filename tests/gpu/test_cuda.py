@@ -30,12 +30,18 @@ def test_engine_trains_on_cuda_with_bf16_and_channels_last(digits):
     assert data.x["train"].is_contiguous(memory_format=torch.channels_last)
     torch.manual_seed(0)
     model = build_model(arch_spec(params, data.info))
-    result = fit(model, data, params.train, progress=False)
+    conv = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.in_channels > 1][0]
+    layouts = []
+
+    def on_epoch(epoch, metrics):
+        layouts.append(conv.weight.is_contiguous(memory_format=torch.channels_last))
+
+    result = fit(model, data, params.train, on_epoch=on_epoch, progress=False)
     assert result.status == "ok" and result.device.startswith("cuda")
     assert result.val_accuracy > 0.9
     assert next(model.parameters()).is_cuda
-    conv = model.features[0][0].weight
-    assert conv.is_contiguous(memory_format=torch.channels_last)
+    assert layouts == [True] * 8  # NHWC while training, the default layout afterwards
+    assert conv.weight.is_contiguous()
     with autocast_context(torch.device("cuda"), True):
         assert model(data.x["val"][:4]).dtype == torch.bfloat16
     logits = predict_logits(model, data.x["val"])
