@@ -268,19 +268,17 @@ def make_objective(
 
 
 def reconcile_stale_runs(params: Params, study: optuna.Study) -> int:
-    """MLflow runs of trials failed by the heartbeat (their process died) end as FAILED."""
+    """MLflow runs of trials failed by the heartbeat (their process died) end as FAILED.
+
+    Those are the FAIL trials without a `fail_reason` (the objective records one, or closes
+    the run as FAILED itself, for every failure it sees), whatever their run says: the process
+    may have died after closing it as FINISHED or KILLED."""
     changed = 0
+    tags = {"state": "FAIL", "fail_reason": "worker died (no heartbeat)"}
     for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
         run_id = t.user_attrs.get("mlflow_run_id")
-        if run_id and end_stale_run(
-            params,
-            run_id,
-            {
-                "state": "FAIL",
-                "fail_reason": "worker died (no heartbeat)",
-            },
-        ):
-            changed += 1
+        if run_id and not t.user_attrs.get("fail_reason"):
+            changed += end_stale_run(params, run_id, tags)
     return changed
 
 

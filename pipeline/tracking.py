@@ -208,7 +208,11 @@ class ChildRun:
 
 
 def end_stale_run(params: Params, run_id: str, tags: dict) -> bool:
-    """Mark a run left RUNNING by a killed process as FAILED; True if it was changed."""
+    """Mark the run of a trial whose process died as FAILED with `tags`; True if it changed.
+
+    The run may still be RUNNING, or already closed as FINISHED / KILLED when the process died
+    between closing its MLflow run and reporting the result to Optuna: Optuna then counts the
+    trial as failed (and retries it), so the run must say so too."""
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
@@ -217,7 +221,7 @@ def end_stale_run(params: Params, run_id: str, tags: dict) -> bool:
         run = client.get_run(run_id)
     except MlflowException:
         return False
-    if run.info.status != "RUNNING":
+    if run.info.status == "FAILED" and run.data.tags.get("state") == "FAIL":
         return False
     for key, value in tags.items():
         client.set_tag(run_id, key, str(value))

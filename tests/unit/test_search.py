@@ -17,8 +17,8 @@ from optuna.trial import TrialState
 from pipeline import search
 from pipeline.config import parse_params
 from pipeline.data import DeviceData, prepare
-from pipeline.study import study_name
-from pipeline.tracking import stage_run
+from pipeline.study import reconcile_stale_runs, study_name
+from pipeline.tracking import ChildRun, stage_run
 from tests.conftest import copy_project, run_module, subprocess_env, write_params
 
 
@@ -117,6 +117,41 @@ def test_unchanged_space_resumes_and_more_trials_runs_only_the_missing(
     assert study_name(other, sha) != study_name(params, sha)
     eager = _params(tmp_path, tiny_params, reduction_factor=2)
     assert study_name(eager, sha) != study_name(_params(tmp_path, tiny_params), sha)
+
+
+def test_run_of_a_worker_killed_after_closing_it_is_marked_failed(tmp_path, tiny_params):
+    """kill -9 between closing the trial's MLflow run and telling Optuna: Optuna fails the
+    trial (the heartbeat stops) and retries it, so its run must not stay FINISHED/KILLED."""
+    params = _params(tmp_path, tiny_params)
+    study = optuna.create_study(storage=params.search.storage, study_name="s")
+    with stage_run("search", params, "sha") as tracker:
+        runs = {}
+        for closed_as, reason in [("FINISHED", ""), ("KILLED", ""), ("FAILED", "nan loss")]:
+            trial = study.ask()
+            run = ChildRun(params, tracker.run_id, f"t{trial.number}", {"trial_number": 0})
+            run.finish(closed_as, {"state": {"FINISHED": "COMPLETE"}.get(closed_as, "PRUNED")})
+            trial.set_user_attr("mlflow_run_id", run.run_id)
+            if reason:  # a failure the objective saw itself keeps its own record
+                trial.set_user_attr("fail_reason", reason)
+                run.finish("FAILED", {"state": "FAIL", "fail_reason": reason})
+            study.tell(trial, state=TrialState.FAIL)  # what the heartbeat check does
+            runs[closed_as] = run.run_id
+        done = study.ask()
+        finished = ChildRun(params, tracker.run_id, "done", {"trial_number": 3})
+        finished.finish("FINISHED", {"state": "COMPLETE"})
+        done.set_user_attr("mlflow_run_id", finished.run_id)
+        study.tell(done, 0.9)
+    assert reconcile_stale_runs(params, study) == 2
+    assert reconcile_stale_runs(params, study) == 0  # idempotent
+    client = MlflowClient(tracking_uri=params.tracking.uri)
+    for closed_as, run_id in runs.items():
+        run = client.get_run(run_id)
+        assert run.info.status == "FAILED"
+        assert run.data.tags["state"] == "FAIL"
+        expected = "nan loss" if closed_as == "FAILED" else "worker died (no heartbeat)"
+        assert run.data.tags["fail_reason"] == expected
+    completed = client.get_run(finished.run_id)
+    assert completed.info.status == "FINISHED" and completed.data.tags["state"] == "COMPLETE"
 
 
 def test_diverging_trials_fail_with_reason_and_study_goes_on(
