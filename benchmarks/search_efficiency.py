@@ -74,14 +74,14 @@ def main() -> None:
     defaults = parse_params({}).search
     n_trials, epochs = (10, 6) if args.quick else (defaults.n_trials, defaults.epochs)
     data = DeviceData(prepare(parse_params({}).data, seed=0), torch.device("cpu"))
-    rows, medians = [], {}
+    rows, stats = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         for label, strategy in STRATEGIES.items():
             runs = [
                 run_one(strategy, seed, n_trials, epochs, Path(tmp), data) for seed in args.seeds
             ]
             rows += [{"strategy": label, **r} for r in runs]
-            medians[label] = (
+            stats[label] = (
                 statistics.median(r["epochs spent"] for r in runs),
                 statistics.median(r["best val acc"] for r in runs),
                 statistics.mean(r["best val acc"] for r in runs),
@@ -90,7 +90,7 @@ def main() -> None:
     seeds = " ".join(map(str, args.seeds))
     print(f"{n_trials} trials x up to {epochs} epochs, digits, seeds {seeds}")
     print_table(rows, ["strategy", "seed", "epochs spent", "best val acc", "pruned", "seconds"])
-    (ours_epochs, ours_acc, ours_mean), (rand_epochs, rand_acc, rand_mean) = medians.values()
+    (ours_epochs, ours_acc, ours_mean), (rand_epochs, rand_acc, rand_mean) = stats.values()
     verdict = "equal or better" if ours_acc >= rand_acc else "WORSE"
     print(f"mean best val accuracy: ours {ours_mean:.4f}, random {rand_mean:.4f}")
     print(f"median best val accuracy: ours {ours_acc:.4f}, random {rand_acc:.4f} ({verdict})")

@@ -4,7 +4,7 @@
   batches are index slices from a seeded permutation, augmented on the device (random crop
   with padding, horizontal flip) - no DataLoader, no per-sample Python.
 - `train.channels_last`: NHWC memory format for model and batches while training, on every
-  device (on a 2-core CPU the CIFAR-shaped `cnn` trains 1.5x faster: max-pooling and oneDNN
+  device (on a 2-core CPU the CIFAR-shaped `cnn` trains 1.4x faster: max-pooling and oneDNN
   convolutions skip their layout reorders); the model leaves `fit` in the default layout.
 - CUDA: bf16 autocast (`train.amp`); optional `torch.compile`.
 - `on_epoch(epoch, metrics)` is called after each epoch (Optuna pruning, MLflow logging live
@@ -88,8 +88,8 @@ def augment_batch(x: torch.Tensor, mode: str, generator: torch.Generator) -> tor
     if mode == "crop_flip":
         flip = torch.rand(n, device=x.device, generator=generator) < 0.5
         out = torch.where(flip[:, None, None, None], out.flip(3), out)
-    keep = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else None
-    return out.contiguous(memory_format=keep or torch.contiguous_format)
+    nhwc = x.is_contiguous(memory_format=torch.channels_last)
+    return out.contiguous(memory_format=torch.channels_last if nhwc else torch.contiguous_format)
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -202,9 +202,11 @@ def fit(
             order = torch.randperm(n, device=device, generator=generator)
             for step in range(steps_per_epoch):
                 idx = order[step * batch_size : (step + 1) * batch_size]
-                xb, yb = augment_batch(x_train[idx], augment, generator), y_train[idx]
-                if channels_last:  # a no-op when the split is stored NHWC already
+                xb = x_train[idx]
+                # NHWC before augmenting (which keeps the layout); a no-op if stored NHWC
+                if channels_last:
                     xb = xb.contiguous(memory_format=torch.channels_last)
+                xb, yb = augment_batch(xb, augment, generator), y_train[idx]
                 with autocast_context(device, cfg.amp):
                     logits = step_model(xb)
                     loss = F.cross_entropy(logits.float(), yb, label_smoothing=cfg.label_smoothing)

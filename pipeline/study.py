@@ -221,7 +221,7 @@ def make_objective(
             tags["retry_of_trial"] = retried
         run = (
             ChildRun(params, parent_run_id, f"trial-{trial.number:03d}", tags)
-            if (parent_run_id)
+            if parent_run_id
             else None
         )
         if run is not None:

@@ -144,3 +144,14 @@ def test_resolve_device():
     assert resolve_device("cpu").type == "cpu"
     expected = "cuda" if torch.cuda.is_available() else "cpu"
     assert resolve_device("auto").type == expected
+
+
+@pytest.mark.parametrize("mode", ["crop", "crop_flip"])
+def test_augment_keeps_the_layout_it_is_given_and_the_same_values(mode):
+    x = torch.randn(6, 3, 16, 16)
+    nhwc = x.contiguous(memory_format=torch.channels_last)
+    a = augment_batch(x, mode, torch.Generator().manual_seed(1))
+    b = augment_batch(nhwc, mode, torch.Generator().manual_seed(1))
+    assert a.is_contiguous() and not a.is_contiguous(memory_format=torch.channels_last)
+    assert b.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(a, b)
