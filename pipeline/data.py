@@ -16,8 +16,6 @@ once on the training device.
 from __future__ import annotations
 
 import hashlib
-import pickle
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,18 +72,29 @@ _MANUAL_FILES = {
 }
 
 
-def _cifar_from_folder(folder: Path, train: bool):
-    """Read CIFAR-10's python batches without torchvision's md5 check (hand-placed copies)."""
-    names = [f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]
-    data, labels = [], []
-    for name in names:
-        with open(folder / name, "rb") as fh:
-            batch = pickle.load(fh, encoding="latin1")
-        data.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-        labels.extend(batch["labels"])
-    with open(folder / "batches.meta", "rb") as fh:
-        classes = list(pickle.load(fh, encoding="latin1")["label_names"])
-    return np.concatenate(data), np.asarray(labels, dtype=np.int64), classes
+def _cifar_checksum_error(folder: Path) -> DataError | None:
+    """The first CIFAR-10 batch file in `folder` that is missing or fails its official md5.
+
+    torchvision unpickles these files; a file that fails its checksum is never loaded (a pickle
+    can run any code), so a hand-placed copy must be the official one.
+    """
+    from torchvision.datasets import CIFAR10
+    from torchvision.datasets.utils import calculate_md5
+
+    expected = CIFAR10.train_list + CIFAR10.test_list
+    expected = expected + [[CIFAR10.meta["filename"], CIFAR10.meta["md5"]]]
+    for name, md5 in expected:
+        path = folder / name
+        if not path.is_file():
+            return DataError(f"{path}: missing; place the official CIFAR-10 python batches there")
+        got = calculate_md5(str(path))
+        if got != md5:
+            return DataError(
+                f"{path}: md5 {got} differs from the official CIFAR-10 checksum {md5}; not "
+                f"loaded (pickle files run code). Replace it with the official file, or delete "
+                f"{folder} to download again"
+            )
+    return None
 
 
 def _torchvision_split(cls, root: Path, train: bool, download: bool):
@@ -108,16 +117,10 @@ def load_torchvision_dataset(name: str, raw_dir: Path, download: bool) -> RawDat
         train = _torchvision_split(cls, raw_dir, True, download=False)
         test = _torchvision_split(cls, raw_dir, False, download=False)
     except RuntimeError:
-        if name == "cifar10" and (cifar_folder / "batches.meta").is_file():
-            warnings.warn(
-                f"{cifar_folder}: files differ from the official CIFAR-10 checksums; using them",
-                stacklevel=2,
-            )
-            train, test = (
-                _cifar_from_folder(cifar_folder, True),
-                _cifar_from_folder(cifar_folder, False),
-            )
-        elif not download:
+        bad_file = _cifar_checksum_error(cifar_folder) if cifar_folder.is_dir() else None
+        if name == "cifar10" and bad_file is not None:
+            raise bad_file from None
+        if not download:
             raise DataError(
                 f"data.name={name}: not found in {raw_dir} and data.download is false; place "
                 f"{_MANUAL_FILES[name]} in {raw_dir}/"

@@ -1,6 +1,7 @@
 import gzip
 import pickle
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -89,33 +90,82 @@ def test_torchvision_mnist_format_fixture(tmp_path, name, folder):
     assert torch.equal(x[:, 0, 0, 0].long(), y * 20)
 
 
-def test_cifar10_format_fixture(tmp_path):
-    folder = tmp_path / "cifar-10-batches-py"
+def _cifar_batch(rng, n, offset):
+    labels = [(i + offset) % 10 for i in range(n)]
+    data = rng.integers(0, 255, (n, 3 * 32 * 32), dtype=np.uint8)
+    data[:, 0] = np.asarray(labels) * 10
+    return {"data": data, "labels": labels}
+
+
+def _write_cifar_folder(folder):
     folder.mkdir()
     rng = np.random.default_rng(0)
-
-    def batch(n, offset):
-        labels = [(i + offset) % 10 for i in range(n)]
-        data = rng.integers(0, 255, (n, 3 * 32 * 32), dtype=np.uint8)
-        data[:, 0] = np.asarray(labels) * 10
-        return {"data": data, "labels": labels}
-
     for i in range(1, 6):
         with open(folder / f"data_batch_{i}", "wb") as fh:
-            pickle.dump(batch(40, i), fh)
+            pickle.dump(_cifar_batch(rng, 40, i), fh)
     with open(folder / "test_batch", "wb") as fh:
-        pickle.dump(batch(30, 0), fh)
+        pickle.dump(_cifar_batch(rng, 30, 0), fh)
     with open(folder / "batches.meta", "wb") as fh:
         pickle.dump({"label_names": [f"c{i}" for i in range(10)]}, fh)
-    with pytest.warns(UserWarning, match="checksums"):
-        prepared = prepare(DataConfig(name="cifar10", raw_dir=str(tmp_path), download=False), 0)
-    _check_split(prepared, 10)
-    assert prepared.info["shape"] == [3, 32, 32]
-    assert prepared.info["counts"]["test"] == 30
-    assert prepared.info["classes"] == [f"c{i}" for i in range(10)]  # read from batches.meta
-    assert prepared.info["augment"] == "crop_flip"
-    x, y = prepared.splits["train"]
-    assert torch.equal(x[:, 0, 0, 0].long(), y * 10)  # channel-first layout kept the marker
+
+
+def test_cifar10_batches_are_read_channel_first_by_torchvision(tmp_path):
+    """torchvision's own CIFAR-10 reader, its md5 list pointed at this fixture's files."""
+    import torchvision.datasets as tvd
+    from torchvision.datasets.utils import calculate_md5
+
+    from pipeline.data import _torchvision_split
+
+    folder = tmp_path / "cifar-10-batches-py"
+    _write_cifar_folder(folder)
+
+    def md5s(entries):
+        return [[name, calculate_md5(str(folder / name))] for name, _ in entries]
+
+    class FixtureCifar(tvd.CIFAR10):
+        train_list = md5s(tvd.CIFAR10.train_list)
+        test_list = md5s(tvd.CIFAR10.test_list)
+        meta = {**tvd.CIFAR10.meta, "md5": calculate_md5(str(folder / "batches.meta"))}
+
+    images, labels, classes = _torchvision_split(FixtureCifar, tmp_path, True, download=False)
+    assert images.shape == (200, 3, 32, 32) and images.dtype == np.uint8
+    assert classes == [f"c{i}" for i in range(10)]  # read from batches.meta
+    assert np.array_equal(images[:, 0, 0, 0].astype(np.int64), labels * 10)  # NCHW kept it
+
+
+class _Tripwire:
+    """Unpickling this writes a file: proof that a bad file was loaded."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_cifar10_file_failing_its_checksum_is_refused_and_never_unpickled(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    _write_cifar_folder(folder)
+    marker = tmp_path / "unpickled"
+    for name in ["batches.meta", "test_batch"] + [f"data_batch_{i}" for i in range(1, 6)]:
+        with open(folder / name, "wb") as fh:
+            pickle.dump(_Tripwire(marker), fh)
+    for download in (False, True):  # never download over (or load) the bad files either
+        with pytest.raises(DataError) as info:
+            prepare(DataConfig(name="cifar10", raw_dir=str(tmp_path), download=download), 0)
+        message = str(info.value)
+        assert str(folder / "data_batch_1") in message and "md5" in message
+        assert "c99cafc152244af753f735de768cd75f" in message  # the official checksum
+        assert "\n" not in message
+    assert not marker.exists()
+
+
+def test_cifar10_missing_batch_file_is_named(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    _write_cifar_folder(folder)
+    (folder / "data_batch_1").unlink()
+    with pytest.raises(DataError, match="data_batch_1: missing"):
+        prepare(DataConfig(name="cifar10", raw_dir=str(tmp_path), download=False), 0)
 
 
 def test_torchvision_offline_error_says_where_to_put_files(tmp_path):
