@@ -1,13 +1,14 @@
 # The two commands a new user needs (see README.md):
 #   make repro   set up .venv if needed, then run the whole pipeline with `dvc repro`
-#   make test    set up .venv if needed, then run the whole test suite (CI runs this)
+#   make test    set up .venv if needed, then lint and run the whole test suite (CI runs this)
+#   make test-fast   the pure unit tests only (`pytest -m "not slow"`, under a minute)
 PYTHON ?= python3
 VENV := .venv
 BIN := $(CURDIR)/$(VENV)/bin
 STAMP := $(VENV)/.installed
 export PATH := $(BIN):$(PATH)
 
-.PHONY: repro test lint format clean setup
+.PHONY: repro test test-fast lint format clean setup
 
 setup: $(STAMP)
 
@@ -21,8 +22,12 @@ $(STAMP): pyproject.toml
 repro: $(STAMP)
 	$(BIN)/python -m dvc repro
 
-test: $(STAMP)
+# Every tier (unit, integration, e2e; gpu tests skip without a GPU), after the lint.
+test: lint
 	$(BIN)/python -m pytest
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m "not slow"
 
 lint: $(STAMP)
 	$(BIN)/ruff check pipeline tests benchmarks

@@ -30,13 +30,34 @@ TINY_PARAMS = {
 }
 
 
+# Tiers: `pytest -m "not slow"` runs the pure unit tests (well under a minute on 2 cores);
+# `integration` tests train models, run stages or build a project, and are `slow` too. A test is
+# integration when it is marked so, lives in one of these folders, or uses one of these fixtures
+# (each builds a whole project; fixtures that depend on them count, as pytest resolves them).
+INTEGRATION_FOLDERS = ("e2e", "gpu")
+PROJECT_FIXTURES = frozenset({"project", "e2e_project"})
+
+
+def _is_integration(item) -> bool:
+    in_folder = any(
+        Path(item.path).is_relative_to(REPO_ROOT / "tests" / folder)
+        for folder in INTEGRATION_FOLDERS
+    )
+    return (
+        "integration" in item.keywords
+        or in_folder
+        or not PROJECT_FIXTURES.isdisjoint(getattr(item, "fixturenames", ()))
+    )
+
+
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    skip_gpu = None if torch.cuda.is_available() else pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        if _is_integration(item):
+            item.add_marker(pytest.mark.integration)
+            item.add_marker(pytest.mark.slow)
+        if skip_gpu is not None and "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
 
 
 @pytest.fixture
