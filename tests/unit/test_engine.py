@@ -140,10 +140,22 @@ def test_augment_crop_shifts_content_and_flip_mirrors():
     assert 0.2 < decreasing < 0.8
 
 
-def test_resolve_device():
-    assert resolve_device("cpu").type == "cpu"
-    expected = "cuda" if torch.cuda.is_available() else "cpu"
-    assert resolve_device("auto").type == expected
+def test_resolve_device_without_a_gpu_falls_back_to_the_cpu(monkeypatch, recwarn):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # this machine, or a GPU one
+    assert resolve_device("auto") == torch.device("cpu")
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert len(recwarn) == 0
+    with pytest.warns(UserWarning, match="^device: cuda requested but not available; using cpu$"):
+        assert resolve_device("cuda") == torch.device("cpu")
+    assert resolve_device() == torch.device("cpu")  # auto is the default
+
+
+def test_resolve_device_with_a_gpu_picks_cuda_for_auto(monkeypatch, recwarn):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto") == torch.device("cuda")
+    assert resolve_device("cuda") == torch.device("cuda")
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert len(recwarn) == 0
 
 
 @pytest.mark.parametrize("mode", ["crop", "crop_flip"])
