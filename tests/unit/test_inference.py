@@ -1,4 +1,5 @@
-"""OnnxClassifier on exported digit models: every input kind, preprocessing, errors, the GPU."""
+"""OnnxClassifier: probabilities, ranking, model checks and the device on linear ONNX graphs
+(fast), and on the models a real export wrote (integration)."""
 
 from __future__ import annotations
 
@@ -11,9 +12,9 @@ from PIL import Image
 
 from pipeline import onnx_tools, paths
 from pipeline.data import DeviceData, load_prepared
-from pipeline.inference import InvalidImage, InvalidModel, OnnxClassifier
-from pipeline.models import create_model
+from pipeline.inference import DeviceFallbackWarning, InvalidModel, OnnxClassifier
 from tests.export_helpers import VARIANT_NAMES
+from tests.tiny_onnx import linear_classifier
 
 
 @pytest.fixture(scope="module")
@@ -32,14 +33,15 @@ def _top1(results) -> np.ndarray:
     return np.array([int(r[0][0]) for r in results])
 
 
+@pytest.mark.integration
 def test_reads_labels_shape_and_normalisation_from_the_file(clf, project):
     info = json.loads((project / paths.DATASET_JSON).read_text())
     assert clf.classes == info["classes"] and clf.input_shape == (1, 8, 8)
     assert clf.mean.ravel().tolist() == pytest.approx(info["mean"])
-    assert clf.provider == "CPUExecutionProvider" or torch.cuda.is_available()
     assert clf.metadata["variant"] == "int8"
 
 
+@pytest.mark.integration
 def test_preprocessing_matches_the_training_normalisation(clf, project, digits):
     expected = DeviceData(load_prepared(project / paths.PREPARED_DIR), "cpu").x["test"].numpy()
     x = clf.preprocess(list(digits[0]))
@@ -47,6 +49,7 @@ def test_preprocessing_matches_the_training_normalisation(clf, project, digits):
     np.testing.assert_allclose(x, expected, atol=1e-5)
 
 
+@pytest.mark.integration
 def test_every_input_kind_gives_the_same_predictions(clf, digits, tmp_path):
     images, labels = digits[0][:40], digits[1][:40]
     files = []
@@ -71,31 +74,7 @@ def test_every_input_kind_gives_the_same_predictions(clf, digits, tmp_path):
     assert _top1(clf.predict(mixed, top_k=1)).tolist() == [*reference[:3], reference[0]]
 
 
-def test_results_are_sorted_label_probability_pairs(clf, digits):
-    (single,) = clf.predict(digits[0][0], top_k=3)  # one image, not a list: one result
-    assert len(single) == 3 and all(isinstance(label, str) for label, _ in single)
-    probabilities = [p for _, p in single]
-    assert probabilities == sorted(probabilities, reverse=True) and sum(probabilities) <= 1.0001
-    (everything,) = clf.predict([digits[0][0]], top_k=50)  # clipped to the 10 classes
-    assert sorted(label for label, _ in everything) == clf.classes
-    assert sum(p for _, p in everything) == pytest.approx(1.0, abs=1e-5)
-    assert clf.predict([]) == []
-    with pytest.raises(ValueError, match="top_k"):
-        clf.predict(digits[0][0], top_k=0)
-
-
-def test_converts_mode_and_size_with_a_centre_crop(clf, digits):
-    digit = digits[0][0]
-    noise = np.random.default_rng(0).integers(0, 256, size=(8, 4), dtype=np.uint8)
-    wide = np.hstack([noise, digit, noise])  # 8x16: the centre crop is the digit
-    np.testing.assert_array_equal(clf.preprocess(wide), clf.preprocess(digit))
-    gray = Image.new("RGB", (40, 40), (128, 128, 128))
-    x = clf.preprocess(gray)
-    assert x.shape == (1, 1, 8, 8)
-    expected = np.broadcast_to((128 / 255 - clf.mean) / clf.std, x.shape)
-    np.testing.assert_allclose(x, expected, rtol=1e-5)
-
-
+@pytest.mark.integration
 def test_each_exported_variant_classifies_real_digits_quietly(project, digits, capfd):
     images, labels = digits
     for name in VARIANT_NAMES:
@@ -105,57 +84,163 @@ def test_each_exported_variant_classifies_real_digits_quietly(project, digits, c
     assert "onnxruntime" not in capfd.readouterr().err.lower()
 
 
-def test_bad_models_raise_one_line_naming_the_file(tmp_path):
+# ---- fast: linear ONNX graphs whose logits are known exactly (tests/tiny_onnx.py) ----
+
+
+def test_probabilities_are_the_softmax_of_the_logits(tmp_path):
+    # zero weights: the logits are the bias, log(1), log(2), log(5): probabilities 1/8, 2/8, 5/8
+    path = linear_classifier(tmp_path / "m.onnx", bias=np.log([1.0, 2.0, 5.0]))
+    clf = OnnxClassifier(path)
+    proba = clf.predict_proba([np.zeros((4, 4), np.uint8)] * 2)
+    assert proba.shape == (2, 3) and proba.dtype == np.float32
+    np.testing.assert_allclose(proba, [[0.125, 0.25, 0.625]] * 2, rtol=1e-6)
+    assert clf.predict(np.zeros((4, 4), np.uint8), top_k=2) == [
+        [("c", pytest.approx(0.625)), ("b", pytest.approx(0.25))]
+    ]
+
+
+def test_huge_logits_do_not_overflow(tmp_path):
+    path = linear_classifier(tmp_path / "m.onnx", bias=[1000.0, 0.0, -1000.0])
+    proba = OnnxClassifier(path).predict_proba(np.zeros((4, 4), np.uint8))
+    np.testing.assert_array_equal(proba, [[1.0, 0.0, 0.0]])
+
+
+def test_each_image_is_ranked_by_its_own_logits(tmp_path):
+    # class a scores the mean brightness, class b its opposite, class c nothing
+    weight = np.zeros((16, 3))
+    weight[:, 0], weight[:, 1] = 1 / 16, -1 / 16
+    clf = OnnxClassifier(linear_classifier(tmp_path / "m.onnx", weight=weight, classes="abc"))
+    white, black = np.full((4, 4), 255, np.uint8), np.zeros((4, 4), np.uint8)
+    (bright, dark) = clf.predict([white, black], top_k=3)
+    e = np.exp([1.0, -1.0, 0.0])
+    assert [label for label, _ in bright] == ["a", "c", "b"]
+    assert [p for _, p in bright] == pytest.approx(sorted(e / e.sum(), reverse=True), rel=1e-6)
+    # a tie keeps the classes' order
+    assert [label for label, _ in dark] == ["a", "b", "c"]
+    assert [p for _, p in dark] == pytest.approx([1 / 3] * 3)
+
+
+def test_top_k_is_clipped_to_the_classes_and_must_be_a_positive_integer(tmp_path):
+    clf = OnnxClassifier(linear_classifier(tmp_path / "m.onnx", bias=[3.0, 2.0, 1.0]))
+    image = np.zeros((4, 4), np.uint8)
+    assert [label for label, _ in clf.predict(image, top_k=50)[0]] == ["a", "b", "c"]
+    assert [label for label, _ in clf.predict(image, top_k=1)[0]] == ["a"]
+    assert len(clf.predict(image)[0]) == 3  # default 5, clipped to 3
+    for bad in (0, -1, True, 1.5, "2"):
+        with pytest.raises(ValueError, match=f"^top_k: got {bad!r}; expected an integer >= 1$"):
+            clf.predict(image, top_k=bad)
+    assert clf.predict([]) == []
+    assert clf.predict_proba([]).shape == (0, 3) and clf.predict_proba([]).dtype == np.float32
+
+
+def test_batches_give_the_same_result_as_one_call(tmp_path):
+    weight = np.random.default_rng(0).normal(size=(16, 3))
+    path = linear_classifier(tmp_path / "m.onnx", weight=weight)
+    images = list(np.random.default_rng(1).integers(0, 256, (5, 4, 4), dtype=np.uint8))
+    whole = OnnxClassifier(path).predict_proba(images)
+    in_twos = OnnxClassifier(path, batch_size=2).predict_proba(images)
+    np.testing.assert_array_equal(in_twos, whole)
+    logits = np.stack(images).reshape(5, 16).astype(np.float64) / 255 @ weight
+    expected = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(whole, expected, rtol=1e-5)
+
+
+def test_reads_classes_shape_normalisation_and_metadata_from_the_file(tmp_path):
+    path = linear_classifier(
+        tmp_path / "m.onnx",
+        (3, 2, 5),
+        classes=[0, 1, 2],
+        mean=[0.1, 0.2, 0.3],
+        std=[0.4, 0.5, 0.6],
+        metadata={"accuracy": 0.97},
+    )
+    clf = OnnxClassifier(path)
+    assert clf.classes == ["0", "1", "2"] and clf.input_shape == (3, 2, 5)
+    assert clf.mean.shape == clf.std.shape == (1, 3, 1, 1) and clf.mean.dtype == np.float32
+    assert clf.mean.ravel().tolist() == pytest.approx([0.1, 0.2, 0.3])
+    assert clf.std.ravel().tolist() == pytest.approx([0.4, 0.5, 0.6])
+    assert clf.metadata["variant"] == "linear" and clf.metadata["accuracy"] == "0.97"
+    assert clf.path == path and clf.batch_size == 64
+    assert repr(clf) == (
+        f"OnnxClassifier({str(path)!r}, classes=3, input=(3, 2, 5), provider=CPUExecutionProvider)"
+    )
+
+
+def _bad_models(tmp_path) -> dict:
     text = tmp_path / "notes.onnx"
     text.write_text("this is not a model\n")
-    net = create_model("cnn", 10, 1, 8, widths=(8,))
-    bare = tmp_path / "bare.onnx"
-    onnx_tools.export_onnx(net, bare, (1, 8, 8))
-    meta = {"mean": [0.5], "std": [0.5], "input_layout": "NCHW"}
-    three_names = tmp_path / "three_names.onnx"
-    onnx_tools.export_onnx(
-        net, three_names, (1, 8, 8), meta | {"classes": ["a", "b", "c"], "input_shape": [1, 8, 8]}
-    )
-    rgb_claim = tmp_path / "rgb_claim.onnx"
-    rgb_meta = {"classes": list("0123456789"), "input_shape": [3, 8, 8]}
-    rgb_meta |= {"mean": [0.5] * 3, "std": [0.5] * 3}
-    onnx_tools.export_onnx(net, rgb_claim, (1, 8, 8), meta | rgb_meta)
-    cases = {
+    empty = tmp_path / "empty.onnx"
+    empty.write_bytes(b"")
+    model = linear_classifier  # every case below: an otherwise valid 1 x 4 x 4 model
+    return {
         tmp_path / "missing.onnx": "model file not found",
-        text: "not an ONNX model",
-        bare: "without the pipeline's metadata (missing classes, mean, std, input_shape",
-        three_names: "10 outputs but 3 class names",
-        rgb_claim: "graph input [1, 8, 8] does not match the metadata's input_shape [3, 8, 8]",
+        tmp_path: "model file not found",
+        text: "not an ONNX model (",
+        empty: "not an ONNX model (",
+        model(tmp_path / "bare.onnx", drop=("classes", "std", "input_layout")): (
+            "ONNX model without the pipeline's metadata (missing classes, std, input_layout); "
+            "use a model written by `pipeline export`"
+        ),
+        model(tmp_path / "json.onnx", metadata={"mean": "[0.5"}): "unreadable metadata value (",
+        model(tmp_path / "nhwc.onnx", metadata={"input_layout": "NHWC"}): (
+            "unsupported input NHWC [1, 4, 4]; expected NCHW with 1 or 3 channels"
+        ),
+        model(tmp_path / "two.onnx", metadata={"input_shape": [2, 4, 4]}): (
+            "unsupported input NCHW [2, 4, 4]; expected NCHW with 1 or 3 channels"
+        ),
+        model(tmp_path / "flat.onnx", metadata={"input_shape": [1, 16]}): (
+            "unsupported input NCHW [1, 16]; expected NCHW with 1 or 3 channels"
+        ),
+        model(tmp_path / "mean.onnx", metadata={"mean": [0.5, 0.5]}): (
+            "mean / std do not match 1 input channels"
+        ),
+        model(tmp_path / "std.onnx", metadata={"std": [0.5, 0.5, 0.5]}): (
+            "mean / std do not match 1 input channels"
+        ),
+        model(tmp_path / "names.onnx", metadata={"classes": ["a", "b"]}): (
+            "3 outputs but 2 class names"
+        ),
+        model(tmp_path / "size.onnx", graph_input_shape=(1, 4, 5)): (
+            "graph input [1, 4, 5] does not match the metadata's input_shape [1, 4, 4]"
+        ),
+        model(tmp_path / "rgb.onnx", graph_input_shape=(3, 4, 4)): (
+            "graph input [3, 4, 4] does not match the metadata's input_shape [1, 4, 4]"
+        ),
+        model(tmp_path / "rank.onnx", graph_input_shape=(16,)): (
+            "graph input [16] does not match the metadata's input_shape [1, 4, 4]"
+        ),
     }
-    for path, problem in cases.items():
+
+
+def test_bad_models_raise_one_line_naming_the_file(tmp_path):
+    for path, problem in _bad_models(tmp_path).items():
         with pytest.raises(InvalidModel) as err:
             OnnxClassifier(path)
         message = str(err.value)
-        assert message.startswith(f"{path}: ") and problem in message and "\n" not in message
+        assert message.startswith(f"{path}: {problem}"), (path.name, message)
+        assert "\n" not in message and len(message) < len(str(path)) + 250
+        assert isinstance(err.value, ValueError)
 
 
-def test_bad_images_raise_one_line_naming_the_image(clf, tmp_path):
-    fake = tmp_path / "fake.png"
-    fake.write_text("not a png")
-    cases = [
-        (tmp_path / "missing.png", f"{tmp_path / 'missing.png'}: image file not found"),
-        (fake, f"{fake}: not an image file Pillow can read"),
-        (np.zeros((8, 8, 2), np.uint8), "image #0: array of shape (8, 8, 2); expected HxW"),
-        (np.zeros((8, 8), np.float32), "image #0: array of dtype float32; expected uint8"),
-        (42, "image #0: got int; expected a file path, a PIL image or a uint8 array"),
-    ]
-    for image, message in cases:
-        with pytest.raises(InvalidImage) as err:
-            clf.predict([image])
-        assert str(err.value).startswith(message) and "\n" not in str(err.value)
+def test_an_unknown_device_is_refused(tmp_path):
+    path = linear_classifier(tmp_path / "m.onnx")
+    with pytest.raises(ValueError, match="^device: got 'tpu'; expected one of auto, cpu, cuda$"):
+        OnnxClassifier(path, device="tpu")
+    with pytest.raises(ValueError, match="^device: got 'tpu'"):
+        OnnxClassifier(tmp_path / "missing.onnx", device="tpu")  # checked before the file
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU fallback")
-def test_cuda_without_a_gpu_warns_and_runs_on_the_cpu(project, digits):
-    with pytest.warns(UserWarning, match="no CUDA GPU works here; using the CPU"):
-        model = OnnxClassifier(project / paths.exported_model("fp32"), device="cuda")
-    assert model.provider == "CPUExecutionProvider"
-    assert len(model.predict(digits[0][0])) == 1
+def test_without_a_gpu_cuda_warns_and_runs_on_the_cpu(tmp_path, monkeypatch, recwarn):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # this machine, or a GPU one
+    path = linear_classifier(tmp_path / "m.onnx", bias=[0.0, 1.0, 0.0])
     assert onnx_tools.gpu_providers() == []
-    with pytest.raises(ValueError, match="device: got 'tpu'"):
-        OnnxClassifier(project / paths.exported_model("fp32"), device="tpu")
+    for device in ("auto", "cpu"):
+        assert OnnxClassifier(path, device=device).provider == "CPUExecutionProvider"
+    assert len(recwarn) == 0
+    message = f"{path}: device cuda requested but no CUDA GPU works here; using the CPU"
+    with pytest.warns(DeviceFallbackWarning) as caught:
+        clf = OnnxClassifier(path, device="cuda")
+    assert [str(w.message) for w in caught] == [message]
+    assert caught[0].filename == __file__  # stacklevel: the warning points at the caller
+    assert clf.provider == "CPUExecutionProvider"
+    assert clf.predict(np.zeros((4, 4), np.uint8), top_k=1)[0][0][0] == "b"

@@ -1,4 +1,6 @@
-"""`pipeline predict` on real digit PNGs: JSON and table output, every bad input -> exit 2."""
+"""`pipeline predict`: table and JSON output, every bad input -> exit 2 (fast, on a linear ONNX
+graph with known probabilities), and on real digit PNGs with every exported variant
+(integration)."""
 
 from __future__ import annotations
 
@@ -7,13 +9,14 @@ import subprocess
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-from pipeline import cli, onnx_tools, paths
+from pipeline import cli, paths
 from pipeline.data import load_prepared
-from pipeline.models import create_model
 from tests.conftest import VENV_BIN, subprocess_env
 from tests.export_helpers import VARIANT_NAMES
+from tests.tiny_onnx import linear_classifier
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +42,7 @@ def predict(capsys, *args: str):
     return code, out, err
 
 
+@pytest.mark.integration
 def test_json_output_classifies_real_digits_with_each_variant(project, pngs, capsys):
     files, labels = pngs
     for name in VARIANT_NAMES:
@@ -55,30 +59,65 @@ def test_json_output_classifies_real_digits_with_each_variant(project, pngs, cap
         assert (top1 == labels).mean() >= 0.9, name
 
 
-def test_table_output_has_a_row_per_image(project, pngs, capsys):
-    files, labels = pngs
-    model = str(project / paths.exported_model("int8"))
-    code, out, err = predict(capsys, model, str(files[0]), str(files[1]), "--top-k", "2")
-    lines = out.splitlines()
-    assert code == 0 and err == ""
-    assert lines[0].split() == ["image", "top-1", "top-2"]
-    assert lines[1].startswith(str(files[0])) and lines[2].startswith(str(files[1]))
-    assert lines[1].split()[1] == str(labels[0]) and lines[1].split()[2].endswith("%)")
-    assert lines[3] == f"({model} on CPUExecutionProvider)"
+@pytest.fixture
+def model(tmp_path):
+    """A 1 x 4 x 4 model that says bird 62.5 %, dog 25 %, cat 12.5 % whatever the image."""
+    path = tmp_path / "model.onnx"
+    return linear_classifier(path, bias=np.log([1.0, 2.0, 5.0]), classes=["cat", "dog", "bird"])
 
 
-def _bad_inputs(project, folder):
-    good_model = str(project / paths.exported_model("fp32"))
+@pytest.fixture
+def image(tmp_path):
+    path = tmp_path / "a.png"
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(path)
+    return path
+
+
+def test_table_output_has_a_row_per_image(model, image, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "long_name.png").write_bytes(image.read_bytes())
+    code, out, err = predict(capsys, "model.onnx", "a.png", "long_name.png", "--top-k", "2")
+    assert (code, err) == (0, "")
+    assert out.splitlines() == [
+        "image          top-1         top-2",
+        "a.png          bird (62.5%)  dog (25.0%)",
+        "long_name.png  bird (62.5%)  dog (25.0%)",
+        "(model.onnx on CPUExecutionProvider)",
+    ]
+    code, out, _ = predict(capsys, "model.onnx", "a.png")  # default: top 3
+    assert out.splitlines()[0].split() == ["image", "top-1", "top-2", "top-3"]
+
+
+def test_json_output_has_every_image_with_its_top_labels(model, image, capsys):
+    code, out, err = predict(capsys, str(model), str(image), str(image), "--json", "--top-k", "2")
+    assert (code, err) == (0, "")
+    top = [{"label": "bird", "probability": 0.625}, {"label": "dog", "probability": 0.25}]
+    assert json.loads(out) == [{"image": str(image), "top": top}] * 2
+
+
+def test_cuda_without_a_gpu_warns_on_one_line_and_runs_on_the_cpu(
+    model, image, capsys, monkeypatch
+):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    code, out, err = predict(capsys, str(model), str(image), "--device", "cuda")
+    assert code == 0
+    assert err.splitlines() == [
+        f"warning: {model}: device cuda requested but no CUDA GPU works here; using the CPU"
+    ]
+    assert out.splitlines()[-1] == f"({model} on CPUExecutionProvider)"
+
+
+def _bad_inputs(good_model, folder):
+    good_model = str(good_model)
     good_image = folder / "good.png"
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(good_image)
     fake_png = folder / "fake.png"
     fake_png.write_text("not an image")
     two_channels = folder / "two_channels.npy"
     np.save(two_channels, np.zeros((8, 8, 2), np.uint8))
-    text_model = folder / "model.onnx"
+    text_model = folder / "text.onnx"
     text_model.write_text("not a model")
-    bare_model = folder / "bare.onnx"
-    onnx_tools.export_onnx(create_model("cnn", 10, 1, 8, widths=(8,)), bare_model, (1, 8, 8))
+    bare_model = linear_classifier(folder / "bare.onnx", drop=("classes",))
     missing = folder / "missing.png"
     return {
         "missing image": ([good_model, str(good_image), str(missing)], missing),
@@ -91,7 +130,7 @@ def _bad_inputs(project, folder):
     }
 
 
-def test_every_bad_input_exits_2_with_one_line_naming_the_file(project, tmp_path, capsys):
+def test_every_bad_input_exits_2_with_one_line_naming_the_file(model, tmp_path, capsys):
     problems = {
         "missing image": "image file not found",
         "unreadable image": "not an image file Pillow can read",
@@ -101,7 +140,7 @@ def test_every_bad_input_exits_2_with_one_line_naming_the_file(project, tmp_path
         "ONNX without metadata": "ONNX model without the pipeline's metadata",
         "missing model": "model file not found",
     }
-    for case, (args, culprit) in _bad_inputs(project, tmp_path).items():
+    for case, (args, culprit) in _bad_inputs(model, tmp_path).items():
         code, out, err = predict(capsys, *args)
         assert code == 2, case
         assert out == "", case
@@ -110,14 +149,17 @@ def test_every_bad_input_exits_2_with_one_line_naming_the_file(project, tmp_path
         assert problems[case] in lines[0], (case, err)
 
 
-def test_argument_errors_exit_2(project, pngs, capsys):
-    model = str(project / paths.exported_model("fp32"))
-    code, _, err = predict(capsys, model, str(pngs[0][0]), "--top-k", "0")
-    assert code == 2 and "--top-k: got '0'; expected an integer >= 1" in err
-    code, _, err = predict(capsys, model)
+def test_argument_errors_exit_2(model, image, capsys):
+    for top_k in ("0", "-2", "three"):
+        code, _, err = predict(capsys, str(model), str(image), "--top-k", top_k)
+        assert code == 2 and f"--top-k: got '{top_k}'; expected an integer >= 1" in err
+    code, _, err = predict(capsys, str(model))
     assert code == 2 and "required: IMAGE" in err
+    code, _, err = predict(capsys, str(model), str(image), "--device", "tpu")
+    assert code == 2 and "--device: invalid choice: 'tpu'" in err
 
 
+@pytest.mark.integration
 def test_the_installed_command_is_quiet_and_fails_without_a_traceback(project, pngs, tmp_path):
     model = str(project / paths.exported_model("int8"))
     command = [str(VENV_BIN / "pipeline"), "predict", model, *map(str, pngs[0][:3]), "--json"]

@@ -1,0 +1,206 @@
+"""Inference preprocessing equals the prepare stage's decoding, on images of any size and mode.
+
+The training images of an `imagefolder` dataset are decoded by `pipeline.data` (mode, centre
+crop, bilinear resize to uint8) and normalised by `DeviceData`; `OnnxClassifier.preprocess`
+must turn the same files into the same pixels, or a deployed model sees other inputs than it
+was trained on. The models here are linear ONNX graphs (`tests/tiny_onnx.py`): milliseconds.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipeline.data import DeviceData, Prepared, load_image_folder
+from pipeline.inference import OnnxClassifier
+from tests.tiny_onnx import linear_classifier
+
+# (width, height): wide, tall, tiny, already the model's size, extreme, large, a single pixel
+SIZES = [(40, 23), (23, 40), (9, 7), (12, 12), (3, 50), (64, 64), (1, 1)]
+GRAY_MODES = ["L", "1", "LA", "I;16", "I", "F"]
+COLOUR_MODES = ["RGB", "RGBA", "P", "CMYK", "L", "LA", "1", "I;16"]
+SUFFIX = {"CMYK": ".jpg", "I": ".tif", "F": ".tif"}  # formats that can hold these modes
+
+
+def _image(mode: str, size: tuple[int, int], seed: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    w, h = size
+    if mode in ("I;16", "I"):
+        return Image.fromarray(rng.integers(0, 600, (h, w)).astype(np.uint16)).convert(mode)
+    if mode == "F":
+        return Image.fromarray(rng.uniform(0, 300, (h, w)).astype(np.float32))
+    rgb = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+    return rgb.convert(mode)
+
+
+def _folder(root, modes: list[str]) -> list:
+    """An image folder (classes a, b) of every mode at every size; the files in prepare's
+    order (class folders sorted, then file names sorted)."""
+    files = []
+    for i, (mode, size) in enumerate((m, s) for m in modes for s in SIZES):
+        folder = root / ("a" if i % 2 == 0 else "b")
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{i:03d}_{mode.replace(';', '')}{SUFFIX.get(mode, '.png')}"
+        _image(mode, size, seed=i).save(path)
+        files.append(path)
+    return sorted(files, key=lambda p: (p.parent.name, p.name))
+
+
+@pytest.mark.parametrize(("modes", "channels"), [(GRAY_MODES, 1), (COLOUR_MODES, 3)])
+def test_inference_pixels_equal_prepare_pixels_on_every_size_and_mode(tmp_path, modes, channels):
+    size = 12
+    files = _folder(tmp_path / "images", modes)
+    raw = load_image_folder(tmp_path / "images", size)
+    assert raw.images.shape == (len(files), channels, size, size)
+    # mean 0, std 1: preprocess gives the pixels / 255, so the uint8 values can be compared
+    clf = OnnxClassifier(linear_classifier(tmp_path / "m.onnx", (channels, size, size)))
+    pixels = clf.preprocess(files)
+    np.testing.assert_array_equal(np.rint(pixels * 255).astype(np.uint8), raw.images)
+    np.testing.assert_array_equal(pixels, raw.images.astype(np.float32) / 255)
+
+
+@pytest.mark.parametrize(("modes", "channels"), [(GRAY_MODES, 1), (COLOUR_MODES, 3)])
+def test_inference_input_equals_the_normalised_training_input(tmp_path, modes, channels):
+    size = 12
+    files = _folder(tmp_path / "images", modes)
+    raw = load_image_folder(tmp_path / "images", size)
+    mean, std = [0.2, 0.5, 0.7][:channels], [0.3, 0.25, 0.125][:channels]
+    split = (torch.from_numpy(raw.images), torch.from_numpy(raw.labels))
+    training = DeviceData(Prepared({"train": split}, {"mean": mean, "std": std}), "cpu")
+    path = linear_classifier(tmp_path / "m.onnx", (channels, size, size), mean=mean, std=std)
+    np.testing.assert_allclose(
+        OnnxClassifier(path).preprocess(files), training.x["train"].numpy(), rtol=0, atol=1e-6
+    )
+
+
+def _gray_model(tmp_path, **kwargs) -> OnnxClassifier:
+    return OnnxClassifier(linear_classifier(tmp_path / "gray.onnx", (1, 8, 8), **kwargs))
+
+
+def test_normalisation_uses_the_metadata_mean_and_std(tmp_path):
+    clf = _gray_model(tmp_path, mean=[0.5], std=[0.25])
+    x = clf.preprocess(Image.new("RGB", (40, 40), (128, 128, 128)))
+    assert x.shape == (1, 1, 8, 8) and x.dtype == np.float32
+    np.testing.assert_allclose(x, (128 / 255 - 0.5) / 0.25, atol=1e-6)  # about 0.0078
+    np.testing.assert_allclose(clf.preprocess(np.full((8, 8), 255, np.uint8)), 2.0, atol=1e-6)
+    np.testing.assert_allclose(clf.preprocess(np.zeros((8, 8), np.uint8)), -2.0, atol=1e-6)
+
+
+def test_colour_channels_keep_their_order_and_own_statistics(tmp_path):
+    path = linear_classifier(
+        tmp_path / "rgb.onnx", (3, 2, 2), mean=[0.0, 0.1, 0.2], std=[1.0, 0.5, 0.25]
+    )
+    image = np.zeros((2, 2, 3), np.uint8)
+    image[..., 0], image[..., 1], image[..., 2] = 51, 102, 153  # 0.2, 0.4, 0.6 of 255
+    x = OnnxClassifier(path).preprocess(image)
+    assert x.shape == (1, 3, 2, 2)
+    for channel, value in enumerate([0.2, (0.4 - 0.1) / 0.5, (0.6 - 0.2) / 0.25]):
+        np.testing.assert_allclose(x[0, channel], value, rtol=1e-6)
+    gray_in_rgb = OnnxClassifier(path).preprocess(np.full((2, 2), 51, np.uint8))
+    np.testing.assert_allclose(gray_in_rgb[0, 2], (0.2 - 0.2) / 0.25, atol=1e-6)
+
+
+def test_other_aspect_ratios_are_centre_cropped(tmp_path):
+    clf = _gray_model(tmp_path)
+    rng = np.random.default_rng(0)
+    digit = rng.integers(0, 256, (8, 8), dtype=np.uint8)
+    noise = rng.integers(0, 256, (8, 4), dtype=np.uint8)
+    wide = np.hstack([noise, digit, noise])  # 8 x 16: the centre 8 x 8 is the digit
+    tall = np.vstack([noise.T, digit, noise.T])  # 16 x 8
+    expected = digit.astype(np.float32) / 255
+    np.testing.assert_array_equal(clf.preprocess(wide)[0, 0], expected)
+    np.testing.assert_array_equal(clf.preprocess(tall)[0, 0], expected)
+    np.testing.assert_array_equal(clf.preprocess(digit)[0, 0], expected)  # the right size: kept
+
+
+def test_a_model_that_is_not_square_gets_its_own_height_and_width(tmp_path):
+    clf = OnnxClassifier(linear_classifier(tmp_path / "wide.onnx", (1, 4, 8)))
+    rows = np.repeat(np.arange(0, 240, 30, dtype=np.uint8)[:, None], 16, axis=1)  # 8 x 16
+    x = clf.preprocess(rows)
+    assert x.shape == (1, 1, 4, 8)
+    assert (np.diff(x[0, 0], axis=1) == 0).all()  # rows stay rows: constant along the width
+    assert (np.diff(x[0, 0, :, 0]) > 0).all()  # and get brighter downwards, as in the image
+    square = np.zeros((20, 20), np.uint8)
+    square[1:19, :] = 200  # black only in the first and the last row
+    # the crop keeps the centre 20 x 10 (and the filter reads a few rows around it): no black
+    cropped = clf.preprocess(square)[0, 0]
+    np.testing.assert_allclose(cropped, 200 / 255, rtol=1e-6)
+
+
+def test_every_input_kind_gives_the_same_array(tmp_path):
+    clf = _gray_model(tmp_path)
+    image = np.random.default_rng(1).integers(0, 256, (8, 8), dtype=np.uint8)
+    png = tmp_path / "digit.png"
+    Image.fromarray(image).save(png)
+    np.save(tmp_path / "digit.npy", image)
+    (tmp_path / "upper.NPY").write_bytes((tmp_path / "digit.npy").read_bytes())
+    kinds = {
+        "str path": str(png),
+        "Path": png,
+        "PIL image": Image.open(png),
+        "HxW array": image,
+        "HxWx1 array": image[:, :, None],
+        "HxWx3 array": np.repeat(image[:, :, None], 3, axis=2),
+        "HxWx4 array": np.dstack([image, image, image, np.full_like(image, 255)]),
+        "non-contiguous array": np.asfortranarray(image),
+        ".npy file": tmp_path / "digit.npy",
+        ".NPY file": str(tmp_path / "upper.NPY"),
+    }
+    expected = (image.astype(np.float32) / 255)[None, None]
+    for kind, value in kinds.items():
+        np.testing.assert_array_equal(clf.preprocess(value), expected, err_msg=kind)
+        np.testing.assert_array_equal(clf.preprocess([value]), expected, err_msg=kind)
+    batch = clf.preprocess((png, image, tmp_path / "digit.npy"))  # a tuple is a batch too
+    np.testing.assert_array_equal(batch, np.concatenate([expected] * 3))
+    assert clf.preprocess([]).shape == (0, 1, 8, 8) and clf.preprocess([]).dtype == np.float32
+
+
+def _bad_image_cases(tmp_path):
+    fake = tmp_path / "fake.png"
+    fake.write_text("not a png")
+    truncated = tmp_path / "truncated.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64), np.uint8)).save(truncated)
+    truncated.write_bytes(truncated.read_bytes()[:200])
+    text_npy = tmp_path / "text.npy"
+    text_npy.write_text("not an array")
+    float_npy = tmp_path / "float.npy"
+    np.save(float_npy, np.zeros((8, 8)))
+    missing = tmp_path / "missing.png"
+    return [
+        (missing, f"{missing}: image file not found"),
+        (str(missing), f"{missing}: image file not found"),
+        (tmp_path, f"{tmp_path}: a folder, not an image file"),
+        (fake, f"{fake}: not an image file Pillow can read"),
+        (truncated, f"{truncated}: unreadable image ("),
+        (text_npy, f"{text_npy}: unreadable .npy array ("),
+        (float_npy, f"{float_npy}: array of dtype float64; expected uint8 (0..255)"),
+        (np.zeros((8, 8, 2), np.uint8), "image #0: array of shape (8, 8, 2); expected HxW or"),
+        (np.zeros((8, 8, 5), np.uint8), "image #0: array of shape (8, 8, 5); expected HxW or"),
+        (np.zeros(8, np.uint8), "image #0: array of shape (8,); expected HxW or HxWxC with C"),
+        (np.zeros((1, 8, 8, 1), np.uint8), "image #0: array of shape (1, 8, 8, 1); expected"),
+        (np.zeros((8, 8), np.float32), "image #0: array of dtype float32; expected uint8"),
+        (42, "image #0: got int; expected a file path, a PIL image or a uint8 array"),
+    ]
+
+
+def test_bad_images_raise_one_line_naming_the_image(tmp_path):
+    clf = _gray_model(tmp_path)
+    for image, message in _bad_image_cases(tmp_path):
+        with pytest.raises(ValueError) as err:  # InvalidImage is a ValueError too
+            clf.preprocess(image)
+        assert type(err.value).__name__ == "InvalidImage"
+        text = str(err.value)
+        assert text.startswith(message), (message, text)
+        assert "\n" not in text
+    with pytest.raises(ValueError, match=r"^image #2: got NoneType; expected"):
+        clf.preprocess([np.zeros((8, 8), np.uint8), np.zeros((8, 8), np.uint8), None])
+
+
+def test_an_image_mode_that_cannot_be_converted_is_named(tmp_path):
+    clf = _gray_model(tmp_path)
+    odd = Image.new("La", (8, 8))  # Pillow has no La -> L conversion
+    with pytest.raises(ValueError, match=r"^image #0: cannot convert mode La \(") as err:
+        clf.preprocess([odd])
+    assert type(err.value).__name__ == "InvalidImage"
