@@ -1,6 +1,6 @@
 """export stage: ONNX models that explain themselves, checked against PyTorch and the GPU, timed.
 
-Reads: params.yaml (`device`, `export`, `tracking`), `data/prepared/` (the test split),
+Reads: params.yaml (`device`, `export`, `tracking`), `data/prepared/` (val and test splits),
 `models/tuned.pt`, `models/compressed/` (`pruned.pt` and the four ONNX files),
 `metrics/compress.json` (which variants are accepted, their params and MACs).
 Writes: `exported_models/model_{fp32,pruned_fp32,int8,fp16}.onnx`, `exported_models/manifest.json`,
@@ -13,7 +13,10 @@ Run: `dvc repro export`, `pipeline export` or `python -m pipeline.export`.
    `metadata_props` (see `model_metadata`) and passing the full `onnx.checker`. With
    `export.opset` set, the two fp32 models are exported again from their checkpoints at that
    opset (int8 and fp16 keep the compress stage's).
-2. Parity (`pipeline.export_checks`) on the test split with ONNX Runtime on the CPU, against
+Every check and choice reads the val split (parity flips `accepted`); the test split is scored
+once, after them, for the report (`test_accuracy` beside `val_accuracy` in the manifest).
+
+2. Parity (`pipeline.export_checks`) on the val split with ONNX Runtime on the CPU, against
    the checkpoints: fp32 logits within `export.parity_atol` of PyTorch's (dense: tuned.pt,
    pruned: pruned.pt), int8 / fp16 top-1 agreeing with the pruned PyTorch model on at least
    `export.min_top1_agreement` of the images. A failure stops the stage, before any file is
@@ -21,11 +24,13 @@ Run: `dvc repro export`, `pipeline export` or `python -m pipeline.export`.
    reported: it is never shipped as accepted).
 3. GPU check, only when `torch.cuda.is_available()` and `device` is not `cpu`: every variant
    on each GPU provider that starts (TensorRT when its libraries load, CUDA), compared with its
-   CPU outputs. Without a GPU, `metrics/export.json` says `"gpu": "not available"` and the stage
-   passes unless `export.require_gpu` is true.
-4. Latency per variant and provider (`onnx_tools.benchmark`). The recommended variant is the
-   fastest accepted one (batch-1 p50 on the default provider); variants within
-   `LATENCY_TIE` of the fastest count as tied, and the smallest file wins a tie.
+   CPU outputs on val. Without a GPU, `metrics/export.json` says `"gpu": "not available"` and
+   the stage passes unless `export.require_gpu` is true.
+4. Latency per variant and provider (`onnx_tools.benchmark`, on val images). The recommended
+   variant is the fastest accepted one (batch-1 p50 on the default provider); variants within
+   `LATENCY_TIE` of the fastest count as tied, and the smallest file wins a tie. The manifest
+   also carries each variant's paired val difference to fp32 (`pipeline.stats`).
+5. Test accuracy of every variant (ONNX Runtime CPU), once, written into its metadata last.
 """
 
 from __future__ import annotations
@@ -56,7 +61,8 @@ from pipeline.export_checks import (
 )
 from pipeline.inference import METADATA_FORMAT
 from pipeline.io import git_commit, read_json, sha256_file, write_json
-from pipeline.plots import save_figure
+from pipeline.plots import export_latency_plot
+from pipeline.reporting import difference_metrics, manifest_table, versus_reference
 from pipeline.tracking import stage_run
 
 COMPRESS_METRICS = paths.METRICS_DIR / "compress.json"
@@ -83,8 +89,8 @@ VARIANTS = (
 @dataclass
 class ExportInputs:
     info: dict  # dataset.json
-    x_test: np.ndarray  # normalised float32 NCHW
-    y_test: np.ndarray
+    x: dict[str, np.ndarray]  # "val" (every check) and "test" (reported once): float32 NCHW
+    y: dict[str, np.ndarray]
     models: dict[Path, nn.Module]  # checkpoint path -> PyTorch model (CPU, eval)
     compressed: dict[Path, onnx.ModelProto]  # the compress stage's ONNX files
     compress_variants: dict[str, dict]  # ONNX file name -> its entry in compress.json
@@ -95,7 +101,7 @@ class ExportedVariant:
     spec: VariantSpec
     proto: onnx.ModelProto  # with metadata, checked
     entry: dict  # the manifest entry
-    logits: np.ndarray = field(repr=False)  # CPU logits on the test split
+    logits: np.ndarray = field(repr=False)  # CPU logits on the val split
     sessions: dict = field(default_factory=dict, repr=False)  # provider -> InferenceSession
 
 
@@ -111,7 +117,7 @@ class ExportResult:
 
 
 def load_inputs(variants: tuple[VariantSpec, ...] = VARIANTS) -> ExportInputs:
-    """Read the test split, the checkpoints, the compressed ONNX files and compress.json."""
+    """Read the val and test splits, the checkpoints, the compressed ONNX files, compress.json."""
     prepared = load_prepared(paths.PREPARED_DIR)
     data = DeviceData(prepared, torch.device("cpu"))
     models = {}
@@ -127,8 +133,8 @@ def load_inputs(variants: tuple[VariantSpec, ...] = VARIANTS) -> ExportInputs:
     entries = read_json(COMPRESS_METRICS).get("variants", [])
     return ExportInputs(
         prepared.info,
-        data.x["test"].numpy(),
-        data.y["test"].numpy(),
+        {split: data.x[split].numpy() for split in ("val", "test")},
+        {split: data.y[split].numpy() for split in ("val", "test")},
         models,
         compressed,
         {Path(e["path"]).name: e for e in entries},
@@ -184,7 +190,8 @@ def model_metadata(spec: VariantSpec, inputs: ExportInputs, params: Params, run_
 def evaluate_variant(
     spec: VariantSpec, inputs: ExportInputs, params: Params, reference: np.ndarray, run_id: str
 ) -> ExportedVariant:
-    """Build and annotate one variant, score it on the CPU, check parity against PyTorch."""
+    """Build and annotate one variant, score it on val on the CPU, check parity against PyTorch
+    there (`reference`: the checkpoint's logits on val)."""
     compress_entry = inputs.compress_variants.get(spec.source.name)
     if compress_entry is None:
         raise DataError(
@@ -193,14 +200,14 @@ def evaluate_variant(
     proto = build_proto(spec, inputs, params.export.opset)
     onnx_tools.write_metadata(proto, model_metadata(spec, inputs, params, run_id))
     session, _ = onnx_tools.session_for(proto.SerializeToString(), CPU)
-    logits = onnx_tools.run_logits(session, inputs.x_test)
+    logits = onnx_tools.run_logits(session, inputs.x["val"])
     entry = {
         "name": spec.name,
         "path": str(paths.exported_model(spec.name)),
         "precision": spec.precision,
         "params": int(compress_entry.get("params") or 0),
         "macs": int(compress_entry.get("macs") or 0),
-        "accuracy": round(float((logits.argmax(1) == inputs.y_test).mean()), 6),
+        "val_accuracy": round(float((logits.argmax(1) == inputs.y["val"]).mean()), 6),
         "parity": check_parity(
             spec.precision, logits, reference, params.export, str(spec.checkpoint)
         ),
@@ -244,7 +251,7 @@ def benchmark_variant(variant: ExportedVariant, x: np.ndarray, params: Params) -
 
 
 def finish_variant(variant: ExportedVariant, gpu_ran: list[str], batch: int) -> None:
-    """Accepted flag, the default provider's numbers, final metadata, checker, sha256, size."""
+    """Accepted flag, the default provider's numbers, the metadata measured on val, size."""
     entry = variant.entry
     provider = next((p for p in gpu_ran if p in entry["latency"]), CPU)
     passed = entry["parity"]["passed"]
@@ -257,17 +264,29 @@ def finish_variant(variant: ExportedVariant, gpu_ran: list[str], batch: int) -> 
         else "failed the parity check",
     )
     measured = {
-        "accuracy": entry["accuracy"],
-        "accuracy_split": f"test ({len(variant.logits)} images)",
+        "val_accuracy": entry["val_accuracy"],
+        "val_images": len(variant.logits),
         "params": entry["params"],
         "macs": entry["macs"],
         "accepted": entry["accepted"],
         "parity": {k: entry["parity"][k] for k in ("passed", "max_abs_diff", "top1_agreement")},
     }
     onnx_tools.write_metadata(variant.proto, measured)
+    entry["size_bytes"] = variant.proto.ByteSize()  # what `recommend` compares
+
+
+def report_test(variant: ExportedVariant, x_test: np.ndarray, y_test: np.ndarray) -> None:
+    """After every choice: the test accuracy, once, into the entry and the file's metadata, then
+    checker, sha256 and final size. Written at a fixed width, so every file grows by the same
+    bytes and the size order `recommend` read stands."""
+    logits = onnx_tools.run_logits(variant.sessions[CPU], x_test)
+    accuracy = float((logits.argmax(1) == y_test).mean())
+    variant.entry["test_accuracy"] = round(accuracy, 6)
+    test = {"test_accuracy": f"{accuracy:.6f}", "test_images": len(y_test)}
+    onnx_tools.write_metadata(variant.proto, test)
     onnx.checker.check_model(variant.proto, full_check=True)
     data = variant.proto.SerializeToString()
-    entry.update(sha256=hashlib.sha256(data).hexdigest(), size_bytes=len(data))
+    variant.entry.update(sha256=hashlib.sha256(data).hexdigest(), size_bytes=len(data))
 
 
 def latency_keys(batch: int) -> tuple[str, ...]:
@@ -285,43 +304,49 @@ def recommend(entries: list[dict]) -> str:
 
 
 def run(params: Params, inputs: ExportInputs, run_id: str = "") -> ExportResult:
-    """Export, check and time every variant; no file output (see `write_outputs`).
+    """Export, check and time every variant on val, then score test once; no file output.
 
     Raises StageFailed with a table when a parity or GPU check fails, or when
     `export.require_gpu` is true and no GPU provider runs.
     """
     status, providers = gpu_status(params)
-    references = {c: torch_logits(m, inputs.x_test) for c, m in inputs.models.items()}
+    x_val, y_val = inputs.x["val"], inputs.y["val"]
+    references = {c: torch_logits(m, x_val) for c, m in inputs.models.items()}
     variants = [
         evaluate_variant(s, inputs, params, references[s.checkpoint], run_id) for s in VARIANTS
     ]
+    correct = {v.spec.name: v.logits.argmax(1) == y_val for v in variants}
+    differences = versus_reference(correct, VARIANTS[0].name)
     failures = [
         (v.spec.name, "ONNX Runtime CPU vs PyTorch", v.entry["parity"])
         for v in variants
         if must_agree(v) and not v.entry["parity"]["passed"]
     ]
-    gpu_records, gpu_ran = check_gpus(variants, inputs.x_test, params, providers)
+    gpu_records, gpu_ran = check_gpus(variants, x_val, params, providers)
     failures += [
         (r["variant"], f"{r['provider']} vs CPU", r)
         for r in gpu_records
         if r["ran"] and not r["passed"]
     ]
     if failures:
-        raise StageFailed("parity check failed\n" + failure_table(failures, len(inputs.y_test)))
+        raise StageFailed("parity check failed\n" + failure_table(failures, len(y_val)))
     gpu = summarize_gpu(status, providers, gpu_ran, gpu_records, params)
     batch = params.export.benchmark_batch
     for v in variants:
-        benchmark_variant(v, inputs.x_test[:256], params)
+        v.entry["val_difference"] = differences[v.spec.name].record()
+        benchmark_variant(v, x_val[:256], params)
         finish_variant(v, gpu_ran, batch)
     best = recommend([v.entry for v in variants])
     for v in variants:
         v.entry["recommended"] = v.spec.name == best
+        report_test(v, inputs.x["test"], inputs.y["test"])  # after every choice, once
     manifest = build_manifest(variants, inputs, params, gpu, gpu_records)
     return ExportResult(variants, manifest, export_metrics(manifest, batch))
 
 
 MANIFEST_KEYS = (
-    "name", "path", "sha256", "size_bytes", "params", "macs", "accuracy",
+    "name", "path", "sha256", "size_bytes", "params", "macs", "val_accuracy", "val_difference",
+    "test_accuracy",
     "latency_ms_p50_b1", "latency_ms_p95_b1", "throughput_b{batch}", "provider", "parity",
     "accepted", "recommended", "reason", "precision", "latency",
 )  # fmt: skip
@@ -331,7 +356,7 @@ def build_manifest(variants, inputs: ExportInputs, params: Params, gpu: str, gpu
     batch = params.export.benchmark_batch
     keys = [k.format(batch=batch) for k in MANIFEST_KEYS]
     return {
-        "format": "pipeline.manifest/1",
+        "format": "pipeline.manifest/2",
         "recommended": next(v.spec.name for v in variants if v.entry["recommended"]),
         "recommendation": (
             f"the fastest accepted variant by batch-1 p50 latency on its default provider; "
@@ -340,7 +365,9 @@ def build_manifest(variants, inputs: ExportInputs, params: Params, gpu: str, gpu
         "gpu": gpu,
         "gpu_checks": gpu_records,
         "benchmark_batch": batch,
-        "test_images": len(inputs.y_test),
+        "decided_on": "val: parity, GPU checks, accepted (with compress.json), recommended",
+        "val_images": len(inputs.y["val"]),
+        "test_images": len(inputs.y["test"]),  # scored once, after every choice
         "dataset": inputs.info["name"],
         "dataset_sha256": inputs.info["sha256"]["all"],
         "git_commit": git_commit(),
@@ -354,7 +381,10 @@ def export_metrics(manifest: dict, batch: int) -> dict:
     metrics = {"gpu": manifest["gpu"], "recommended": manifest["recommended"]}
     for e in manifest["variants"]:
         name = e["name"]
-        metrics[f"{name}_accuracy"] = e["accuracy"]
+        metrics[f"{name}_val_accuracy"] = e["val_accuracy"]
+        metrics[f"{name}_test_accuracy"] = e["test_accuracy"]
+        if name != VARIANTS[0].name:  # the reference
+            metrics |= difference_metrics(name, e["val_difference"])
         for key in latency_keys(batch):
             metrics[f"{name}_{key}"] = e[key]
         metrics[f"{name}_size_bytes"] = e["size_bytes"]
@@ -366,50 +396,6 @@ def export_metrics(manifest: dict, batch: int) -> dict:
     return metrics
 
 
-def latency_plot(manifest: dict, path: str | Path) -> None:
-    """Accuracy against batch-1 p50 latency, one point per variant and provider."""
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    markers = {CPU: "o", "CUDAExecutionProvider": "s", "TensorrtExecutionProvider": "^"}
-    for e in manifest["variants"]:
-        color = "tab:green" if e["accepted"] else "tab:red"
-        for provider, timing in e["latency"].items():
-            x, y = timing["latency_ms_p50_b1"], e["accuracy"]
-            ax.scatter(x, y, color=color, marker=markers.get(provider, "D"), s=60)
-            label = f"{e['name']} ({provider.removesuffix('ExecutionProvider')})"
-            ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
-            if e["recommended"] and provider == e["provider"]:
-                ax.scatter(x, y, s=260, facecolors="none", edgecolors="black", linewidths=1.5)
-    ax.set_xlabel("latency, batch 1, p50 (ms)")
-    ax.set_ylabel("test accuracy")
-    ax.set_title("export: accepted (green) / rejected (red); circled: recommended")
-    save_figure(fig, path)
-
-
-def manifest_table(manifest: dict) -> str:
-    """The manifest as a Markdown table (printed by the stage, pasted into notes)."""
-    batch = manifest["benchmark_batch"]
-    head = (
-        f"| variant | accuracy | size (bytes) | params | MACs | p50 b1 (ms) | p95 b1 (ms) | "
-        f"img/s b{batch} | provider | parity | accepted | recommended |"
-    )
-    lines = [head, "|" + " --- |" * 12]
-    for e in manifest["variants"]:
-        p = e["parity"]
-        parity = f"{'ok' if p['passed'] else 'FAIL'} (diff {p['max_abs_diff']:.1e}, " + (
-            f"top-1 {p['top1_agreement']:.4f})"
-        )
-        lines.append(
-            f"| {e['name']} | {e['accuracy']:.4f} | {e['size_bytes']} | {e['params']} | "
-            f"{e['macs']} | {e['latency_ms_p50_b1']:.3f} | {e['latency_ms_p95_b1']:.3f} | "
-            f"{e[f'throughput_b{batch}']:.0f} | {e['provider']} | {parity} | "
-            f"{'yes' if e['accepted'] else 'no: ' + e['reason']} | "
-            f"{'**yes**' if e['recommended'] else ''} |"
-        )
-    return "\n".join(lines)
-
-
 def write_outputs(result: ExportResult) -> None:
     """The ONNX files (atomic, already checked), manifest.json, metrics/export.json, the plot."""
     for v in result.variants:
@@ -419,7 +405,7 @@ def write_outputs(result: ExportResult) -> None:
             raise StageFailed(f"{path}: written bytes differ from the checked model")
     write_json(paths.EXPORT_MANIFEST, result.manifest)
     write_json(paths.EXPORT_METRICS, result.metrics)
-    latency_plot(result.manifest, paths.EXPORT_PLOT)
+    export_latency_plot(result.manifest, paths.EXPORT_PLOT)
 
 
 def log_to_mlflow(tracker, result: ExportResult, params: Params) -> str | None:
@@ -442,7 +428,8 @@ def log_to_mlflow(tracker, result: ExportResult, params: Params) -> str | None:
         version = logged or version
     if version is not None:
         e = result.recommended.entry
-        tags = {k: e[k] for k in ("name", "accuracy", "sha256", "latency_ms_p50_b1", "provider")}
+        keys = ("name", "val_accuracy", "test_accuracy", "sha256", "latency_ms_p50_b1", "provider")
+        tags = {k: e[k] for k in keys}
         tracker.set_model_alias(registered, "champion", version, tags)
     return version
 

@@ -1,7 +1,8 @@
 """The checks an exported model must pass: parity with PyTorch, GPU providers against the CPU.
 
 - `check_parity`: fp32 logits within `export.parity_atol` of the PyTorch model's; int8 / fp16
-  top-1 agreeing with it on at least `export.min_top1_agreement` of the test images.
+  top-1 agreeing with it on at least `export.min_top1_agreement` of the val images (a parity
+  failure flips `accepted`, so it is a decision: it never reads the test split).
 - `gpu_status` / `gpu_check`: GPU providers are tried only when `torch.cuda.is_available()`
   (ONNX Runtime lists them anyway and prints load errors when asked for them); each variant on
   each provider that really starts is compared with its CPU outputs.
@@ -42,16 +43,16 @@ def check_parity(
         "max_abs_diff": float(per_image.max()),
         "top1_agreement": round(float(agree.mean()), 6),
         "disagreeing": int(len(bad)),
-        "disagreeing_images": bad[:10].tolist(),  # test-split indices, first 10
+        "disagreeing_images": bad[:10].tolist(),  # val-split indices, first 10
     }
 
 
 def failure_table(rows: list[tuple[str, str, dict]], n_images: int) -> str:
     """The checks that failed, one line each: variant, where, criterion, measured values."""
     lines = [
-        f"{len(rows)} check(s) failed on {n_images} test images:",
+        f"{len(rows)} check(s) failed on {n_images} val images:",
         f"{'variant':<12} {'compared':<34} {'criterion':<30} {'max diff':>9} {'top-1':>7}  "
-        f"disagreeing (first test indices)",
+        f"disagreeing (first val indices)",
     ]
     for name, where, p in rows:
         first = ", ".join(str(i) for i in p["disagreeing_images"])

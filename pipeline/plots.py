@@ -92,3 +92,45 @@ def search_plots(study, out_dir: str | Path) -> list[Path]:
         save_figure(fig, out_dir / name)
         written.append(out_dir / name)
     return written
+
+
+def compression_plot(variants: list[dict], max_drop: float, path: str | Path) -> None:
+    """compress: val accuracy against file size per variant (`variants`: compress.json's
+    entries, the reference first); the budget below the reference as a dashed line."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for i, v in enumerate(variants):
+        x, y = v["size_bytes"] / 1024, v["val_accuracy"]
+        ax.scatter(x, y, color="tab:green" if v["accepted"] else "tab:red", s=40, zorder=3)
+        offset = 6 + 12 * (i // 2) if i % 2 else -12 - 12 * (i // 2)  # variants often tie
+        ax.annotate(v["name"], (x, y), textcoords="offset points", xytext=(4, offset), fontsize=8)
+    budget = variants[0]["val_accuracy"] - max_drop
+    ax.axhline(budget, color="gray", linestyle="--", linewidth=1, label="accuracy budget")
+    ax.margins(x=0.15, y=0.15)
+    ax.set_xlabel("ONNX file size (KiB)")
+    ax.set_ylabel("val top-1 accuracy (what the guard reads)")
+    ax.set_title("compression: accepted (green) / rejected (red)")
+    ax.legend(loc="lower right")
+    save_figure(fig, path)
+
+
+def export_latency_plot(manifest: dict, path: str | Path) -> None:
+    """export: val accuracy against batch-1 p50 latency, one point per variant and provider."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    markers = {
+        "CPUExecutionProvider": "o",
+        "CUDAExecutionProvider": "s",
+        "TensorrtExecutionProvider": "^",
+    }
+    for e in manifest["variants"]:
+        color = "tab:green" if e["accepted"] else "tab:red"
+        for provider, timing in e["latency"].items():
+            x, y = timing["latency_ms_p50_b1"], e["val_accuracy"]
+            ax.scatter(x, y, color=color, marker=markers.get(provider, "D"), s=60)
+            label = f"{e['name']} ({provider.removesuffix('ExecutionProvider')})"
+            ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+            if e["recommended"] and provider == e["provider"]:
+                ax.scatter(x, y, s=260, facecolors="none", edgecolors="black", linewidths=1.5)
+    ax.set_xlabel("latency, batch 1, p50 (ms)")
+    ax.set_ylabel("val accuracy")
+    ax.set_title("export: accepted (green) / rejected (red); circled: recommended")
+    save_figure(fig, path)

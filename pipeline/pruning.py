@@ -5,6 +5,10 @@
   rounded to a multiple of `round_to`) in `prune_steps` steps, fine-tuning with
   `pipeline.engine.fit` after each. The classifier and a torchvision input adapter keep their
   width (`protected_layers`).
+- `finetune_config(train_cfg, compress_cfg)`: fine-tuning is fine-tuning, not a second
+  training run: the tuned model's settings with a low peak (`compress.finetune_lr`, default the
+  tuned `train.lr` / 10) and a cosine decay from it, no warm-up (the tuned OneCycle schedule
+  would climb back to the tuned peak and shake the pruned weights loose first).
 - `count_macs_params(model, example)`: multiply-accumulates per image and parameters.
 - `pruned_widths(...)`: the widths a ratio gives, without fine-tuning (cheap; used to skip
   ratios that round to a network already tried).
@@ -62,6 +66,13 @@ def finetune_schedule(cfg: CompressConfig) -> list[int]:
     return [between] * (cfg.prune_steps - 1) + [cfg.finetune_epochs]
 
 
+def finetune_config(train_cfg: TrainConfig, cfg: CompressConfig) -> TrainConfig:
+    """The tuned `train_cfg` with lr `cfg.finetune_lr` (null: train lr / 10) and a cosine decay
+    from it to zero over each fine-tune, without warm-up (the engine's `scheduler: cosine`)."""
+    lr = cfg.finetune_lr if cfg.finetune_lr is not None else train_cfg.lr / 10
+    return dataclasses.replace(train_cfg, lr=lr, scheduler="cosine")
+
+
 def prune_and_finetune(
     model: nn.Module,
     data: DeviceData,
@@ -72,7 +83,8 @@ def prune_and_finetune(
     seed: int = 0,
     on_epoch: EpochCallback | None = None,
 ) -> list[FitResult]:
-    """Prune `model` in place to `ratio` in `cfg.prune_steps` steps, fine-tuning after each.
+    """Prune `model` in place to `ratio` in `cfg.prune_steps` steps, fine-tuning after each
+    with `finetune_config(train_cfg, cfg)` (`train_cfg`: the tuned model's training settings).
 
     Returns the engine's result of every fine-tune; stops after one that diverged.
     """
@@ -91,6 +103,7 @@ def prune_and_finetune(
         round_to=cfg.round_to if cfg.round_to > 1 else None,
         ignored_layers=protected_layers(model, example),
     )
+    finetune = finetune_config(train_cfg, cfg)
     results = []
     for step, epochs in enumerate(finetune_schedule(cfg), start=1):
         pruner.step()
@@ -100,7 +113,7 @@ def prune_and_finetune(
         result = fit(
             model,
             data,
-            train_cfg,
+            finetune,
             seed=seed + step,
             epochs=epochs,
             on_epoch=on_epoch,

@@ -39,12 +39,13 @@ def _with_widths(params: Params, widths: tuple[int, ...], epochs: int) -> Params
     return dataclasses.replace(params, model=model, train=train)
 
 
-def _variant(name: str, accuracy: float, n_params: int) -> dict:
+def _variant(name: str, accuracies: dict, n_params: int) -> dict:
     path = SOURCES[name]
     return {
         "name": name,
         "path": str(path),
-        "accuracy": accuracy,
+        "val_accuracy": accuracies["val"],
+        "test_accuracy": accuracies["test"],
         "size_bytes": path.stat().st_size,
         "params": n_params,
         "macs": 1000 * n_params,  # a stand-in number, copied through to the manifest
@@ -75,16 +76,25 @@ def write_compress_outputs(
         save_checkpoint(ckpt, outcome.model, arch_spec(p, info), p, info, outcome.metrics)
         onnx_tools.export_onnx(outcome.model, SOURCES[name], shape)
         n_params = sum(t.numel() for t in outcome.model.parameters())
-        variants.append(_variant(name, outcome.metrics["test_accuracy"], n_params))
+        accuracies = {s: outcome.metrics[f"{s}_accuracy"] for s in ("val", "test")}
+        variants.append(_variant(name, accuracies, n_params))
     calibration = data.x["train"][:128].numpy()
     onnx_tools.quantize_int8(paths.PRUNED_FP32_ONNX, paths.PRUNED_INT8_ONNX, calibration)
     onnx_tools.convert_fp16(paths.PRUNED_FP32_ONNX, paths.PRUNED_FP16_ONNX)
-    x, y = data.x["test"].numpy(), data.y["test"].numpy()
     for name in ("pruned_int8", "pruned_fp16"):
         session, _ = onnx_tools.make_session(SOURCES[name], "cpu")
-        accuracy = float((onnx_tools.run_logits(session, x).argmax(1) == y).mean())
-        variants.append(_variant(name, accuracy, variants[1]["params"]))
-    metrics = {f"{v['name']}_accuracy": v["accuracy"] for v in variants} | {"variants": variants}
+        accuracies = {
+            s: float(
+                (
+                    onnx_tools.run_logits(session, data.x[s].numpy()).argmax(1)
+                    == data.y[s].numpy()
+                ).mean()
+            )
+            for s in ("val", "test")
+        }
+        variants.append(_variant(name, accuracies, variants[1]["params"]))
+    metrics = {f"{v['name']}_val_accuracy": v["val_accuracy"] for v in variants}
+    metrics["variants"] = variants
     write_json(paths.METRICS_DIR / "compress.json", metrics)
     return metrics
 

@@ -22,29 +22,36 @@ def test_compress_stage_wrote_every_variant_and_judged_it(e2e_project):
     assert "Running stage 'compress'" in output
     m = json.loads((project / "metrics" / "compress.json").read_text())
     assert m["macs_before"] > m["macs_after"] > 0 and m["params_before"] > m["params_after"] > 0
-    attempts = m["attempts"]
+    attempts, budget = m["attempts"], m["max_accuracy_drop"]
     assert attempts[0]["ratio"] == m["prune_ratio_requested"] == 0.5
+    assert (m["val_images"], m["test_images"]) == (270, 360)
+    for a in attempts:  # judged on val against the tuned PyTorch model, on the point estimate
+        diff = a["val_difference"]
+        assert diff["n_images"] == 270 and diff["low"] <= diff["difference"] <= diff["high"]
+        assert a["val_accuracy"] - diff["difference"] == pytest.approx(
+            m["tuned_pytorch_val_accuracy"], abs=1e-5
+        )
+        assert a["within_budget"] == (diff["difference"] >= -budget and a["status"] == "ok")
+    # the first ratio if within budget, else bisection: the largest ratio within budget, or
+    # (none) the most accurate on val
     within = [a["ratio"] for a in attempts if a["within_budget"]]
-    # the largest ratio within budget is kept; back-off only when the first ratio was over it
-    if within:
-        assert m["prune_ratio"] == max(within)
-    else:
-        assert m["pruned_accepted"] is False
-    assert len(attempts) == 1 or not attempts[0]["within_budget"]
+    fallback = max(attempts, key=lambda a: (a["val_accuracy"], -a["ratio"]))["ratio"]
+    assert m["prune_ratio"] == (max(within) if within else fallback)
+    assert len(attempts) == (1 if attempts[0]["within_budget"] else 1 + 4)  # backoff_steps 4
     by_ratio = {a["ratio"]: a for a in attempts}
     for a in attempts:  # a ratio that gives already-tried widths is not fine-tuned again
         if a["same_widths_as"] is not None:
             same = by_ratio[a["same_widths_as"]]
-            assert (a["macs"], a["accuracy"], a["finetune_seconds"]) == (
+            assert (a["macs"], a["val_accuracy"], a["finetune_seconds"]) == (
                 same["macs"],
-                same["accuracy"],
+                same["val_accuracy"],
                 0,
             )
     for v in m["variants"]:
         path = project / v["path"]
         assert path.name in ONNX_FILES and path.stat().st_size == v["size_bytes"]
-        assert v["accepted"] == (v["accuracy"] >= m["tuned_accuracy"] - m["max_accuracy_drop"])
-        assert v["reason"]
+        assert v["accepted"] == (v["val_difference"]["difference"] >= -budget)
+        assert v["reason"] and 0.8 < v["test_accuracy"] <= 1
     assert [v["name"] for v in m["variants"]] == [f.removesuffix(".onnx") for f in ONNX_FILES]
     assert m["int8_agreement"] >= 0.99 and m["fp16_agreement"] >= 0.99
     rows = (project / "plots" / "compression.csv").read_text().splitlines()
@@ -82,8 +89,9 @@ def test_compress_mlflow_run_has_variants_and_onnx_artifacts(e2e_project):
     experiment = client.get_experiment_by_name("tests")
     (run,) = client.search_runs([experiment.experiment_id], "tags.stage = 'compress'")
     m = json.loads((project / "metrics" / "compress.json").read_text())
-    for key in ("tuned_accuracy", "pruned_accuracy", "int8_accuracy", "fp16_accuracy"):
-        assert run.data.metrics[key] == pytest.approx(m[key])
+    for short in ("tuned", "pruned", "int8", "fp16"):
+        for key in (f"{short}_val_accuracy", f"{short}_test_accuracy"):
+            assert run.data.metrics[key] == pytest.approx(m[key])
     assert run.data.params["compress.prune_steps"] == "1"
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "onnx")}
     assert artifacts == {f"onnx/{name}" for name in ONNX_FILES}

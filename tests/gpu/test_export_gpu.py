@@ -125,8 +125,8 @@ def test_export_run_checks_every_variant_on_the_gpu_and_times_it_there(exported)
     }
     inputs = export.ExportInputs(
         data.info,
-        data.x["test"].numpy(),
-        data.y["test"].numpy(),
+        {split: data.x[split].numpy() for split in ("val", "test")},
+        {split: data.y[split].numpy() for split in ("val", "test")},
         {paths.TUNED_CKPT: model, paths.PRUNED_CKPT: model},
         sources,
         entries,

@@ -21,6 +21,8 @@ from pipeline.checkpoint import (
 from pipeline.config import parse_params
 from pipeline.data import DeviceData, prepare, save_prepared
 from pipeline.engine import fit, predict_logits
+from pipeline.errors import ConfigError
+from pipeline.stats import paired_difference
 from tests.conftest import write_params
 
 
@@ -49,11 +51,21 @@ def trained(data, tmp_path_factory):
     return params, model.eval(), path
 
 
+def _difference(candidate_only: int, reference_only: int, n: int = 270):
+    """A paired val comparison on `n` images where the two models differ on the given counts."""
+    candidate = np.ones(n, bool)
+    reference = np.ones(n, bool)
+    candidate[:reference_only] = False
+    reference[reference_only : reference_only + candidate_only] = False
+    return paired_difference(candidate, reference)
+
+
 def _attempt(ok_up_to: float):
     """Stands in for prune-and-score: within budget up to `ok_up_to`, accuracy falls with ratio."""
 
     def attempt(ratio):
-        return compress.PruneAttempt(ratio, 1 - ratio, 100, 10, ratio <= ok_up_to, "ok")
+        diff = _difference(0, round(100 * ratio))
+        return compress.PruneAttempt(ratio, 1 - ratio, diff, 100, 10, ratio <= ok_up_to, "ok")
 
     return attempt
 
@@ -77,7 +89,8 @@ def test_ratios_that_round_to_the_same_widths_are_fine_tuned_once():
 
     def attempt(ratio):
         calls.append(ratio)
-        return compress.PruneAttempt(ratio, 0.9, 100, 10, False, "ok", finetune_seconds=3.0)
+        diff = _difference(0, 0)
+        return compress.PruneAttempt(ratio, 0.9, diff, 100, 10, False, "ok", 3.0)
 
     cached = compress.reuse_equal_widths(attempt, widths)
     first, again, other = cached(0.5), cached(0.3), cached(0.25)
@@ -86,12 +99,67 @@ def test_ratios_that_round_to_the_same_widths_are_fine_tuned_once():
     assert first.same_widths_as is None and other.same_widths_as is None
 
 
-def test_judge_allows_exactly_the_budget():
-    assert compress.judge(0.97, 0.98, 0.01)[0]
-    assert compress.judge(0.99, 0.98, 0.0)[0]
-    accepted, reason = compress.judge(0.96, 0.98, 0.01)
+def test_judge_allows_exactly_the_budget_on_the_point_estimate():
+    # 270 val images: one image is 0.37 points; a 1-point budget allows 2 images lost, not 3
+    assert compress.judge(_difference(0, 2), 0.01)[0]
+    accepted, reason = compress.judge(_difference(0, 3), 0.01)
     assert not accepted
-    assert "loses 2.00 points" in reason and "max_accuracy_drop allows 1.00" in reason
+    assert "loses 1.11 points" in reason and "max_accuracy_drop allows 1.00" in reason
+    assert "3 of 270 images disagree" in reason
+    assert compress.judge(_difference(4, 4), 0.0)[0]  # no loss: within a zero budget too
+    assert not compress.judge(_difference(4, 5), 0.0)[0]
+    assert compress.judge(_difference(5, 0), 0.0)[0]
+
+
+def test_judge_reads_the_point_estimate_not_the_interval_bound():
+    """Two equally good models that disagree on 8 of 270 images: the 95 % interval reaches
+    beyond a 1-point budget, yet nothing is lost; the guard keeps the candidate."""
+    tie = _difference(4, 4)
+    assert tie.difference == 0 and tie.low < -0.01
+    accepted, reason = compress.judge(tie, 0.01)
+    assert accepted and "within budget" in reason and "8 of 270 images disagree" in reason
+    better_on_average = _difference(6, 5)  # +1 image, interval far below -1 point
+    assert better_on_average.low < -0.01 and compress.judge(better_on_average, 0.01)[0]
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [(0, "got 0; expected 0 < lr <= 10, or null"), ("low", "got 'low'; expected a number")],
+)
+def test_a_bad_finetune_lr_names_the_key_the_value_and_what_is_allowed(value, expected):
+    with pytest.raises(ConfigError, match=rf"^compress.finetune_lr: {expected}"):
+        parse_params({"compress": {"finetune_lr": value}})
+    assert parse_params({"compress": {"finetune_lr": 0.01}}).compress.finetune_lr == 0.01
+    assert parse_params({}).compress.finetune_lr is None
+
+
+def test_resolve_params_takes_the_tuned_training_and_this_runs_compress():
+    here = parse_params({"seed": 3, "device": "cpu", "compress": {"prune_ratio": 0.25}})
+    tuned = parse_params({"seed": 0, "train": {"lr": 0.2, "epochs": 7, "batch_size": 32}})
+    resolved = compress.resolve_params({"config": tuned.to_dict()}, here)
+    assert (resolved.train.lr, resolved.train.epochs, resolved.train.batch_size) == (0.2, 7, 32)
+    assert (resolved.seed, resolved.device) == (3, "cpu")
+    assert resolved.compress.prune_ratio == 0.25 and resolved.tracking == here.tracking
+
+
+@pytest.mark.parametrize(
+    "config",
+    [{"train": {"lr": -1}}, {"train": {"optimiser": "sgd"}}, {"model": {"name": "vit"}}],
+)
+def test_resolve_params_falls_back_to_params_yaml_when_the_checkpoint_config_is_unusable(
+    config,
+):
+    here = parse_params({"seed": 3, "train": {"lr": 0.07}})
+    with pytest.warns(UserWarning, match="tuned checkpoint config unusable .*using params.yaml"):
+        resolved = compress.resolve_params({"config": config}, here)
+    assert resolved == here and resolved.train.lr == 0.07
+
+
+@pytest.mark.parametrize("blob", [{}, {"config": None}, {"config": {}}])
+def test_a_checkpoint_without_a_config_falls_back_to_params_yaml_too(blob):
+    here = parse_params({"seed": 5, "train": {"lr": 0.07}})
+    with pytest.warns(UserWarning, match=r"config unusable \(it has none\); using params.yaml"):
+        assert compress.resolve_params(blob, here) == here  # not the dataclass defaults
 
 
 @pytest.fixture(scope="module")
@@ -106,6 +174,7 @@ def _top1(path, x):
     return onnx_tools.run_logits(session, x).argmax(1)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("method", ["minmax", "entropy", "percentile"])
 def test_int8_is_qdq_quint8_per_channel_and_agrees_with_fp32(method, fp32_model, data, tmp_path):
     x = compress._numpy(data.x["test"])
@@ -143,6 +212,7 @@ def _weight_bytes(proto) -> int:
     return sum(onnx.numpy_helper.to_array(i).nbytes for i in proto.graph.initializer)
 
 
+@pytest.mark.integration
 def test_fp16_keeps_float32_io_and_agrees_with_fp32(fp32_model, data, tmp_path):
     x = compress._numpy(data.x["test"])
     path = tmp_path / "fp16.onnx"
@@ -165,6 +235,7 @@ def _params(trained, **compress_options):
     return parse_params(raw)
 
 
+@pytest.mark.integration
 def test_guard_rejects_every_over_budget_variant_and_says_why(trained, data, tmp_path):
     params = _params(
         trained,
@@ -180,18 +251,53 @@ def test_guard_rejects_every_over_budget_variant_and_says_why(trained, data, tmp
     m = outcome.metrics
     assert [a["ratio"] for a in m["attempts"]] == [0.95, 0.475]
     assert not any(a["within_budget"] for a in m["attempts"])
-    assert m["pruned_accepted"] is False and m["tuned_accepted"] is True
     variants = {v["name"]: v for v in m["variants"]}
     assert set(variants) == set(compress.VARIANT_FILES)
-    for v in variants.values():
-        assert v["accepted"] == (v["accuracy"] >= m["tuned_accuracy"])
-        if not v["accepted"]:
-            assert "loses" in v["reason"] and "max_accuracy_drop allows 0.00" in v["reason"]
+    assert variants["dense_fp32"]["accepted"] is True
+    for name in ("pruned_fp32", "pruned_int8", "pruned_fp16"):  # 95 % of channels, no fine-tune
+        v = variants[name]
+        assert v["accepted"] is False and v["val_accuracy"] < 0.5, v
+        assert v["val_difference"]["difference"] < -0.4 and v["val_difference"]["n_images"] == 270
+        assert "loses" in v["reason"] and "max_accuracy_drop allows 0.00" in v["reason"]
+    assert (m["pruned_accepted"], m["int8_accepted"], m["tuned_accepted"]) == (False, False, True)
     assert (
-        "no pruning ratio tried was within budget (0.95 -> " in variants["pruned_fp32"]["reason"]
+        "no pruning ratio tried was within budget (0.95 -> val "
+        in (variants["pruned_fp32"]["reason"])
     )
-    assert m["prune_ratio"] == max(m["attempts"], key=lambda a: a["accuracy"])["ratio"]
+    # none within budget: the stage keeps the more accurate ratio on val, and says so
+    kept, other = sorted(m["attempts"], key=lambda a: a["ratio"] != m["prune_ratio"])
+    assert kept["val_accuracy"] > other["val_accuracy"]
     assert m["macs_after"] < m["macs_before"]
+
+
+@pytest.mark.integration
+def test_an_over_budget_pruned_model_makes_the_stage_bisect_the_ratio(trained, data, tmp_path):
+    """A real pruned model (no fine-tuning, round_to 1: accuracy falls steeply with the ratio)
+    over budget on val: bisection goes down to a ratio within budget, up once, keeps it."""
+    params = _params(
+        trained,
+        prune_ratio=0.9,
+        prune_steps=1,
+        finetune_epochs=0,
+        round_to=1,
+        max_accuracy_drop=0.4,
+        backoff_steps=3,
+        calibration_images=64,
+    )
+    outcome = compress.run(params, trained[2], tmp_path, data=data)
+    m = outcome.metrics
+    tried = [(a["ratio"], a["within_budget"]) for a in m["attempts"]]
+    assert tried == [(0.9, False), (0.45, False), (0.225, True), (0.3375, False)]
+    assert m["prune_ratio"] == 0.225 and m["pruned_accepted"] is True
+    reference = compress.torch_correct(trained[1], data).mean()  # PyTorch fp32, like attempts
+    for a in m["attempts"]:
+        diff = a["val_difference"]
+        assert diff["n_images"] == 270 and -1 <= diff["low"] <= diff["difference"] <= diff["high"]
+        assert a["val_accuracy"] - diff["difference"] == pytest.approx(reference)
+        assert a["within_budget"] == (diff["difference"] >= -0.4)
+    assert "backed off to ratio 0.225" in m["variants"][1]["reason"]
+    assert m["tuned_pytorch_val_accuracy"] == pytest.approx(reference, abs=1e-6)
+    assert outcome.model.features[0][0].out_channels < 16  # the kept network is the pruned one
 
 
 @pytest.fixture(scope="module")
@@ -215,53 +321,72 @@ def stage_run(trained, digits, tmp_path_factory):
     return project
 
 
+@pytest.mark.integration
 def test_stage_writes_checkpoint_onnx_metrics_and_plots(stage_run, trained, data):
     project = stage_run
     m = json.loads((project / "metrics" / "compress.json").read_text())
     for key in ("macs_before", "macs_after", "params_before", "params_after"):
         assert isinstance(m[key], int) and m[key] > 0
     assert m["macs_before"] / m["macs_after"] > 2  # ratio 0.5: about 4x fewer MACs
+    assert (m["val_images"], m["test_images"]) == (270, 360)
     for short in ("tuned", "pruned", "int8", "fp16"):
-        assert 0.8 < m[f"{short}_accuracy"] <= 1 and m[f"{short}_size_bytes"] > 0
-        assert isinstance(m[f"{short}_accepted"], bool)
+        assert 0.8 < m[f"{short}_val_accuracy"] <= 1 and 0.8 < m[f"{short}_test_accuracy"] <= 1
+        assert m[f"{short}_size_bytes"] > 0 and isinstance(m[f"{short}_accepted"], bool)
+    for short in ("pruned", "int8", "fp16"):  # the paired val difference to the tuned model
+        low, high = m[f"{short}_val_difference_low"], m[f"{short}_val_difference_high"]
+        assert low <= m[f"{short}_val_difference"] <= high and m[f"{short}_val_n_disagree"] >= 0
+        assert m[f"{short}_accepted"] == (m[f"{short}_val_difference"] >= -0.01)  # the budget
+    assert "tuned_val_difference" not in m
     assert m["int8_size_bytes"] < m["pruned_size_bytes"] < m["tuned_size_bytes"]
     assert m["int8_agreement"] >= 0.99 and m["fp16_agreement"] >= 0.99
-    keys = {"name", "path", "accuracy", "size_bytes", "params", "macs", "accepted", "reason"}
+    keys = {"name", "path", "val_accuracy", "val_difference", "test_accuracy", "size_bytes"}
     for v in m["variants"]:
-        assert keys <= set(v) and (project / v["path"]).stat().st_size == v["size_bytes"]
+        assert keys | {"params", "macs", "accepted", "reason"} <= set(v)
+        assert (project / v["path"]).stat().st_size == v["size_bytes"]
+        assert v["val_difference"]["n_images"] == 270
     assert m["variants"][2]["params"] == m["params_after"]
 
     rebuilt, blob = load_checkpoint(project / "models" / "compressed" / "pruned.pt")
     assert blob["arch"]["pruned"]["layers"]["features.0.0"] == {"out_channels": 8}
-    assert blob["metrics"]["pruned_accuracy"] == m["pruned_accuracy"]
+    assert blob["metrics"]["pruned_val_accuracy"] == m["pruned_val_accuracy"]
     session, _ = onnx_tools.make_session(project / "models/compressed/pruned_fp32.onnx", "cpu")
     x = compress._numpy(data.x["test"])
     torch_logits = predict_logits(rebuilt, data.x["test"]).numpy()
     assert np.abs(onnx_tools.run_logits(session, x) - torch_logits).max() < 1e-4
 
     rows = (project / "plots" / "compression.csv").read_text().splitlines()
-    assert rows[0] == "name,accuracy,size_bytes,params,macs,accepted" and len(rows) == 5
+    assert rows[0] == "name,val_accuracy,test_accuracy,size_bytes,params,macs,accepted"
+    assert len(rows) == 5
     assert (project / "plots" / "compression.png").read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.integration
 def test_stage_logs_one_mlflow_run_with_metrics_and_artifacts(stage_run, trained):
     client = MlflowClient(tracking_uri=f"sqlite:///{stage_run / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("tests")
     (run,) = client.search_runs([experiment.experiment_id], "tags.stage = 'compress'")
     m = json.loads((stage_run / "metrics" / "compress.json").read_text())
-    assert run.data.metrics["int8_accuracy"] == pytest.approx(m["int8_accuracy"])
+    assert run.data.metrics["int8_val_accuracy"] == pytest.approx(m["int8_val_accuracy"])
+    assert run.data.metrics["int8_test_accuracy"] == pytest.approx(m["int8_test_accuracy"])
+    assert run.data.metrics["int8_val_n_disagree"] == m["int8_val_n_disagree"]
     assert run.data.metrics["macs_after"] == m["macs_after"]
     assert run.data.params["compress.prune_ratio"] == "0.5"
-    assert run.data.params["finetune.lr"] == str(trained[0].train.lr)
+    # fine-tuning: the tuned settings at a tenth of the tuned lr, cosine without warm-up
+    assert run.data.params["finetune.lr"] == str(trained[0].train.lr / 10)
+    assert run.data.params["finetune.scheduler"] == "cosine"
+    assert run.data.params["finetune.batch_size"] == str(trained[0].train.batch_size)
     assert run.data.tags["pruned_int8_accepted"] == str(m["int8_accepted"])
     curve = client.get_metric_history(run.info.run_id, "finetune_val_accuracy")
-    assert sorted(p.step for p in curve) == [1, 2, 3]  # 1 epoch between steps, 2 after the last
+    # 1 epoch between the 2 steps, 2 after the last, for each attempt that was fine-tuned
+    fine_tuned = [a for a in m["attempts"] if a["same_widths_as"] is None]
+    assert sorted(p.step for p in curve) == list(range(1, 3 * len(fine_tuned) + 1))
     onnx_files = {a.path for a in client.list_artifacts(run.info.run_id, "onnx")}
     assert onnx_files == {f"onnx/{name}" for name in compress.VARIANT_FILES.values()}
     plots = [a.path for a in client.list_artifacts(run.info.run_id, "plots")]
     assert plots == ["plots/compression.png"]
 
 
+@pytest.mark.integration
 def test_unpruned_checkpoint_still_loads(trained, data):
     _, model, path = trained
     rebuilt, blob = load_checkpoint(path)

@@ -26,8 +26,9 @@ from tests.conftest import run_module, write_params
 from tests.export_helpers import VARIANT_NAMES, exported_project
 
 MANIFEST_KEYS = {
-    "name", "path", "sha256", "size_bytes", "params", "macs", "accuracy", "latency_ms_p50_b1",
-    "latency_ms_p95_b1", "throughput_b64", "provider", "parity", "accepted", "recommended",
+    "name", "path", "sha256", "size_bytes", "params", "macs", "val_accuracy", "val_difference",
+    "test_accuracy", "latency_ms_p50_b1", "latency_ms_p95_b1", "throughput_b64", "provider",
+    "parity", "accepted", "recommended",
 }  # fmt: skip
 
 
@@ -70,7 +71,9 @@ def test_stage_writes_four_checked_models_with_dynamic_batch_and_metadata(projec
         assert json.loads(meta["mean"]) == info["mean"] and json.loads(meta["std"]) == info["std"]
         assert json.loads(meta["input_shape"]) == [1, 8, 8] and meta["input_layout"] == "NCHW"
         entry = next(e for e in manifest["variants"] if e["name"] == name)
-        assert float(meta["accuracy"]) == entry["accuracy"] > 0.8
+        assert float(meta["val_accuracy"]) == entry["val_accuracy"] > 0.8
+        assert meta["test_accuracy"] == f"{entry['test_accuracy']:.6f}"  # fixed width
+        assert (meta["val_images"], meta["test_images"]) == ("270", "360")
         assert meta["params_hash"] == params_hash
         assert meta["git_commit"] == head + "-dirty"  # the test rewrote params.yaml
         assert meta["dataset_sha256"] == info["sha256"]["all"]
@@ -96,9 +99,17 @@ def test_manifest_lists_every_variant_with_hash_latency_and_one_recommendation(p
     assert by_name["int8"]["parity"]["top1_agreement"] >= 0.99
     assert by_name["int8"]["size_bytes"] < by_name["pruned_fp32"]["size_bytes"]
     assert by_name["pruned_fp32"]["params"] < by_name["fp32"]["params"]
-    recommended = [e["name"] for e in manifest["variants"] if e["recommended"]]
-    assert recommended == [manifest["recommended"]]
-    assert export.recommend(manifest["variants"]) == manifest["recommended"]
+    recommended = [e for e in manifest["variants"] if e["recommended"]]
+    assert [e["name"] for e in recommended] == [manifest["recommended"]]
+    # the rule, checked on the written numbers: accepted, tied with the fastest accepted, and
+    # the smallest file among those tied (the test accuracy, written last at a fixed width,
+    # grew every file by the same bytes, so the sizes compare as `recommend` saw them)
+    (best,) = recommended
+    fastest = min(e["latency_ms_p50_b1"] for e in manifest["variants"] if e["accepted"])
+    tied = [e for e in manifest["variants"] if e["accepted"]]
+    tied = [e for e in tied if e["latency_ms_p50_b1"] <= fastest * (1 + export.LATENCY_TIE)]
+    assert best["accepted"] and best in tied
+    assert best["size_bytes"] == min(e["size_bytes"] for e in tied)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU path")
@@ -107,7 +118,12 @@ def test_metrics_plot_and_a_quiet_cpu_run(project):
     assert metrics["gpu"] == "not available" and metrics["gpu_checks"] == []
     manifest = _manifest(project)
     assert metrics["recommended"] == manifest["recommended"]
-    assert metrics["int8_accuracy"] == manifest["variants"][2]["accuracy"]
+    int8 = manifest["variants"][2]
+    assert metrics["int8_val_accuracy"] == int8["val_accuracy"]
+    assert metrics["int8_test_accuracy"] == int8["test_accuracy"]
+    assert metrics["int8_val_difference"] == int8["val_difference"]["difference"]
+    assert metrics["int8_val_n_disagree"] == int8["val_difference"]["n_disagree"]
+    assert "fp32_val_difference" not in metrics  # fp32 is the reference
     assert metrics["fp16_throughput_b64"] == manifest["variants"][3]["throughput_b64"]
     assert (project / paths.EXPORT_PLOT).read_bytes()[:4] == b"\x89PNG"
     _, process = exported_project()
@@ -129,7 +145,10 @@ def test_mlflow_export_run_logs_models_and_registers_the_champion(project):
     assert (
         run.data.tags["stage"] == "export" and run.data.tags["recommended"] == recommended["name"]
     )
-    assert run.data.metrics["int8_accuracy"] == pytest.approx(manifest["variants"][2]["accuracy"])
+    int8 = manifest["variants"][2]
+    assert run.data.metrics["int8_val_accuracy"] == pytest.approx(int8["val_accuracy"])
+    assert run.data.metrics["int8_test_accuracy"] == pytest.approx(int8["test_accuracy"])
+    assert champion.tags["test_accuracy"] == str(recommended["test_accuracy"])
     assert [a.path for a in client.list_artifacts(run.info.run_id, "export")] == [
         "export/manifest.json"
     ]
@@ -195,6 +214,23 @@ def test_a_rejected_variant_that_disagrees_is_reported_not_shipped(in_project):
     inputs.compress_variants[source.name]["accepted"] = True  # accepted by compress: fatal
     with pytest.raises(StageFailed, match=r"(?m)^fp16 +ONNX Runtime CPU vs PyTorch +top-1"):
         export.run(params, inputs)
+
+
+def test_checks_read_the_val_split_and_the_test_split_is_only_reported(in_project):
+    params = load_params(paths.PARAMS)
+    inputs = export.load_inputs()
+    before = export.run(params, inputs)
+    rng = np.random.default_rng(0)  # the test split replaced: noise images, every label 0
+    inputs.x["test"] = rng.normal(size=inputs.x["test"].shape).astype(np.float32)
+    inputs.y["test"] = np.zeros_like(inputs.y["test"])
+    after = export.run(params, inputs)
+    for old, new in zip(before.variants, after.variants, strict=True):
+        for key in ("val_accuracy", "val_difference", "parity", "accepted", "reason", "params"):
+            assert new.entry[key] == old.entry[key], (new.spec.name, key)
+        assert old.entry["test_accuracy"] > 0.8 and new.entry["test_accuracy"] < 0.5
+    int8 = before.manifest["variants"][2]["val_difference"]
+    assert int8["n_images"] == 270 and int8["low"] <= int8["difference"] <= int8["high"]
+    assert before.manifest["variants"][0]["val_difference"]["n_disagree"] == 0  # the reference
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU path")

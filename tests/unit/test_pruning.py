@@ -18,7 +18,13 @@ from pipeline.config import parse_params
 from pipeline.data import DeviceData, prepare
 from pipeline.engine import predict_logits
 
-PRUNABLE = ["cnn", "resnet", "lenet", "torchvision:resnet18"]
+# resnet18 takes ~10 s to prune on 2 cores: the integration tier, not the fast one
+PRUNABLE = [
+    "cnn",
+    "resnet",
+    "lenet",
+    pytest.param("torchvision:resnet18", marks=pytest.mark.integration),
+]
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +76,7 @@ def test_pruning_reduces_macs_and_the_checkpoint_rebuilds_exactly(name, data, tm
     assert torch.equal(predict_logits(model.eval(), x), predict_logits(rebuilt, x))
 
 
+@pytest.mark.integration  # a full-width resnet18 (3 s)
 def test_torchvision_adapter_keeps_three_channels(data):
     params = parse_params({"model": {"name": "torchvision:resnet18"}})
     model = build_model(arch_spec(params, data.info))
@@ -101,3 +108,31 @@ def test_ratios_that_round_alike_give_the_same_widths(data):
     assert json.loads(widths(0.25))["features.2.0"]["out_channels"] == 24
     assert widths(0.3) == widths(0.5) != widths(0.25)
     assert model.features[0][0].out_channels == 16  # probing leaves the model alone
+
+
+def test_finetune_config_is_a_low_cosine_without_warm_up():
+    params = parse_params({"train": {"lr": 0.3, "scheduler": "onecycle", "batch_size": 32}})
+    tuned = params.train
+    finetune = pruning.finetune_config(tuned, params.compress)  # finetune_lr: null
+    assert (finetune.lr, finetune.scheduler) == (pytest.approx(0.03), "cosine")
+    assert dataclasses.replace(finetune, lr=tuned.lr, scheduler=tuned.scheduler) == tuned
+    explicit = dataclasses.replace(params.compress, finetune_lr=0.004)
+    assert pruning.finetune_config(tuned, explicit).lr == 0.004
+
+
+@pytest.mark.integration
+def test_fine_tuning_never_climbs_above_the_fine_tuning_lr(data):
+    """The tuned OneCycle schedule would warm up to the tuned peak lr; fine-tuning decays from
+    a tenth of it (the engine records each epoch's final lr)."""
+    params = parse_params(
+        {"model": {"widths": [16, 32]}, "train": {"lr": 0.05, "scheduler": "onecycle"}}
+    )
+    model = build_model(arch_spec(params, data.info))
+    cfg = dataclasses.replace(params.compress, prune_steps=1, finetune_epochs=3)
+    lrs = []
+    results = pruning.prune_and_finetune(
+        model, data, 0.5, cfg, params.train, on_epoch=lambda epoch, m: lrs.append(m["lr"])
+    )
+    assert [r.epochs_run for r in results] == [3] and len(lrs) == 3
+    assert all(lr < 0.005 for lr in lrs) and lrs == sorted(lrs, reverse=True)
+    assert lrs[-1] == pytest.approx(0.0, abs=1e-9)  # cosine to zero over the fine-tune

@@ -1,0 +1,97 @@
+"""Text tables and flat metric keys of the compress and export stages (no decisions here).
+
+- `versus_reference(correct, reference)`: each model's paired val difference to the reference
+  (`pipeline.stats.paired_difference` over the same images).
+- `difference_metrics(prefix, difference)`: the flat keys `dvc metrics diff` compares
+  (`int8_val_difference`, `..._low`, `..._high`, `int8_val_n_disagree`).
+- `compress_table(metrics)`: what the compress stage prints on stderr: per variant its val
+  accuracy, the paired difference to the tuned model with its 95 % interval and how many images
+  disagree, the verdict, and the test accuracy (reported once, after every decision).
+- `manifest_table(manifest)`: the export manifest as a Markdown table.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pipeline.stats import paired_difference
+
+
+def versus_reference(correct: dict[str, np.ndarray], reference: str) -> dict:
+    """name -> PairedDifference of its per-image correctness against `correct[reference]`."""
+    return {name: paired_difference(c, correct[reference]) for name, c in correct.items()}
+
+
+def difference_metrics(prefix: str, record: dict) -> dict:
+    """Flat keys for one paired val difference (a `PairedDifference.record()`): the point
+    estimate, its interval and the number of images that decide it."""
+    return {
+        f"{prefix}_val_difference": record["difference"],
+        f"{prefix}_val_difference_low": record["low"],
+        f"{prefix}_val_difference_high": record["high"],
+        f"{prefix}_val_n_disagree": record["n_disagree"],
+    }
+
+
+def describe_difference(record: dict) -> str:
+    """`+0.37 [-0.74, +1.48] (5 differ)`: a `PairedDifference.record()` in points."""
+    return (
+        f"{100 * record['difference']:+.2f} [{100 * record['low']:+.2f}, "
+        f"{100 * record['high']:+.2f}] ({record['n_disagree']} differ)"
+    )
+
+
+def compress_table(m: dict) -> str:
+    """The compress stage's summary from its metrics (see `pipeline.compress.summarize`)."""
+    lines = [
+        f"pruned at ratio {m['prune_ratio']:g} (requested {m['prune_ratio_requested']:g}): "
+        f"MACs {m['macs_before']:,} -> {m['macs_after']:,} ({m['macs_reduction']:.2f}x fewer), "
+        f"params {m['params_before']:,} -> {m['params_after']:,}",
+    ]
+    if len(m["attempts"]) > 1:
+        tried = ", ".join(
+            f"{a['ratio']:g} -> {describe_difference(a['val_difference'])}" for a in m["attempts"]
+        )
+        lines.append(f"over budget at {m['prune_ratio_requested']:g}; ratios tried: {tried}")
+    lines.append(
+        f"decided on val ({m['val_images']} images, one image = "
+        f"{100 / m['val_images']:.2f} points; budget {100 * m['max_accuracy_drop']:.2f} points "
+        f"on the point estimate); test ({m['test_images']} images) scored once, for the report"
+    )
+    lines.append(
+        f"{'variant':<12} {'val acc':>8}  {'val vs tuned, points [95% CI]':<33} "
+        f"{'test acc':>8} {'size':>12} {'MACs':>10}  accepted"
+    )
+    for v in m["variants"]:
+        verdict = "yes" if v["accepted"] else f"NO: {v['reason']}"
+        lines.append(
+            f"{v['name']:<12} {v['val_accuracy']:>8.4f}  "
+            f"{describe_difference(v['val_difference']):<33} {v['test_accuracy']:>8.4f} "
+            f"{v['size_bytes'] / 1024:>8.1f} KiB {v['macs']:>10,}  {verdict}"
+        )
+    return "\n".join(lines)
+
+
+def manifest_table(manifest: dict) -> str:
+    """The manifest as a Markdown table (printed by the export stage, pasted into notes)."""
+    batch = manifest["benchmark_batch"]
+    head = (
+        f"| variant | val acc | val vs fp32, points [95% CI] | test acc | size (bytes) | params "
+        f"| MACs | p50 b1 (ms) | p95 b1 (ms) | img/s b{batch} | provider | parity | accepted "
+        f"| recommended |"
+    )
+    lines = [head, "|" + " --- |" * 14]
+    for e in manifest["variants"]:
+        p = e["parity"]
+        parity = f"{'ok' if p['passed'] else 'FAIL'} (diff {p['max_abs_diff']:.1e}, " + (
+            f"top-1 {p['top1_agreement']:.4f})"
+        )
+        lines.append(
+            f"| {e['name']} | {e['val_accuracy']:.4f} | "
+            f"{describe_difference(e['val_difference'])} | {e['test_accuracy']:.4f} | "
+            f"{e['size_bytes']} | {e['params']} | {e['macs']} | {e['latency_ms_p50_b1']:.3f} | "
+            f"{e['latency_ms_p95_b1']:.3f} | {e[f'throughput_b{batch}']:.0f} | {e['provider']} | "
+            f"{parity} | {'yes' if e['accepted'] else 'no: ' + e['reason']} | "
+            f"{'**yes**' if e['recommended'] else ''} |"
+        )
+    return "\n".join(lines)
