@@ -13,7 +13,7 @@ Run: `dvc repro compress`, `pipeline compress` or `python -m pipeline.compress`.
    adapter are kept; widths rounded to a multiple of `round_to`) in `prune_steps` steps. The
    shared engine fine-tunes after each step (`finetune_epochs // prune_steps` epochs, at least
    1, between steps, `finetune_epochs` after the last) with the tuned settings at a low lr:
-   `compress.finetune_lr` (null: the tuned `train.lr` / 10), cosine decay, no warm-up.
+   `compress.finetune_lr` (null: the tuned `train.lr` / 2), cosine decay, no warm-up.
 2. Guard, on the val split only, each side measured the same way. A prune attempt (PyTorch,
    fp32, no autocast) is compared with the tuned PyTorch model evaluated identically on the
    same device; an ONNX variant with the dense fp32 ONNX model, both in ONNX Runtime on the

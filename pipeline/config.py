@@ -135,7 +135,7 @@ class CompressConfig:
     prune_ratio: float = field(default=0.5, metadata=_check(lambda x: 0 <= x < 1, "0 <= x < 1"))
     prune_steps: int = field(default=2, metadata=_check(lambda x: 1 <= x <= 100, "1..100"))
     finetune_epochs: int = field(default=8, metadata=_check(lambda x: x >= 0, ">= 0"))
-    # peak of the fine-tuning cosine (no warm-up); null: the tuned model's train.lr / 10
+    # peak of the fine-tuning cosine (no warm-up); null: the tuned model's train.lr / 2
     finetune_lr: float | None = field(
         default=None, metadata=_check(lambda x: 0 < x <= 10, "0 < lr <= 10, or null")
     )

@@ -371,8 +371,8 @@ def test_stage_logs_one_mlflow_run_with_metrics_and_artifacts(stage_run, trained
     assert run.data.metrics["int8_val_n_disagree"] == m["int8_val_n_disagree"]
     assert run.data.metrics["macs_after"] == m["macs_after"]
     assert run.data.params["compress.prune_ratio"] == "0.5"
-    # fine-tuning: the tuned settings at a tenth of the tuned lr, cosine without warm-up
-    assert run.data.params["finetune.lr"] == str(trained[0].train.lr / 10)
+    # fine-tuning: the tuned settings at half the tuned lr, cosine without warm-up
+    assert run.data.params["finetune.lr"] == str(trained[0].train.lr / 2)
     assert run.data.params["finetune.scheduler"] == "cosine"
     assert run.data.params["finetune.batch_size"] == str(trained[0].train.batch_size)
     assert run.data.tags["pruned_int8_accepted"] == str(m["int8_accepted"])

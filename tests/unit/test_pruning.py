@@ -114,7 +114,7 @@ def test_finetune_config_is_a_low_cosine_without_warm_up():
     params = parse_params({"train": {"lr": 0.3, "scheduler": "onecycle", "batch_size": 32}})
     tuned = params.train
     finetune = pruning.finetune_config(tuned, params.compress)  # finetune_lr: null
-    assert (finetune.lr, finetune.scheduler) == (pytest.approx(0.03), "cosine")
+    assert (finetune.lr, finetune.scheduler) == (pytest.approx(0.15), "cosine")
     assert dataclasses.replace(finetune, lr=tuned.lr, scheduler=tuned.scheduler) == tuned
     explicit = dataclasses.replace(params.compress, finetune_lr=0.004)
     assert pruning.finetune_config(tuned, explicit).lr == 0.004
@@ -123,7 +123,7 @@ def test_finetune_config_is_a_low_cosine_without_warm_up():
 @pytest.mark.integration
 def test_fine_tuning_never_climbs_above_the_fine_tuning_lr(data):
     """The tuned OneCycle schedule would warm up to the tuned peak lr; fine-tuning decays from
-    a tenth of it (the engine records each epoch's final lr)."""
+    half of it (the engine records each epoch's final lr)."""
     params = parse_params(
         {"model": {"widths": [16, 32]}, "train": {"lr": 0.05, "scheduler": "onecycle"}}
     )
@@ -134,5 +134,5 @@ def test_fine_tuning_never_climbs_above_the_fine_tuning_lr(data):
         model, data, 0.5, cfg, params.train, on_epoch=lambda epoch, m: lrs.append(m["lr"])
     )
     assert [r.epochs_run for r in results] == [3] and len(lrs) == 3
-    assert all(lr < 0.005 for lr in lrs) and lrs == sorted(lrs, reverse=True)
+    assert all(lr < 0.025 for lr in lrs) and lrs == sorted(lrs, reverse=True)
     assert lrs[-1] == pytest.approx(0.0, abs=1e-9)  # cosine to zero over the fine-tune
