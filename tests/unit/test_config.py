@@ -101,6 +101,10 @@ def test_params_are_frozen():
             "search.space.lr: got [0.1, 0.01]; expected [low, high] with 0 < low < high",
         ),
         (
+            {"search": {"space": {"weight_decay": [0.1, 0.1]}}},
+            "search.space.weight_decay: got [0.1, 0.1]; expected [low, high] with 0 < low < high",
+        ),
+        (
             {"search": {"space": {"lr": [0, 0.01]}}},
             "search.space.lr: got [0, 0.01]; expected [low, high] with 0 < low < high",
         ),
@@ -118,6 +122,7 @@ def test_params_are_frozen():
         ({"data": {"name": "imagenet"}}, "data.name: got 'imagenet'; expected one of digits"),
         ({"data": {"val_fraction": 1.5}}, "data.val_fraction: got 1.5; expected 0 < x < 1"),
         ({"data": {"val_fraction": 0}}, "data.val_fraction: got 0; expected 0 < x < 1"),
+        ({"data": {"test_fraction": 1}}, "data.test_fraction: got 1; expected 0 < x < 1"),
         (
             {"data": {"val_fraction": 0.5, "test_fraction": 0.4}},
             "data.val_fraction + data.test_fraction: got 0.9; expected < 0.9 (training needs",

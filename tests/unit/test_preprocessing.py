@@ -165,6 +165,8 @@ def _bad_image_cases(tmp_path):
     truncated.write_bytes(truncated.read_bytes()[:200])
     text_npy = tmp_path / "text.npy"
     text_npy.write_text("not an array")
+    pickled_npy = tmp_path / "pickled.npy"  # an object array: loading it would unpickle
+    np.save(pickled_npy, np.array([{"not": "pixels"}], dtype=object), allow_pickle=True)
     float_npy = tmp_path / "float.npy"
     np.save(float_npy, np.zeros((8, 8)))
     missing = tmp_path / "missing.png"
@@ -175,6 +177,7 @@ def _bad_image_cases(tmp_path):
         (fake, f"{fake}: not an image file Pillow can read"),
         (truncated, f"{truncated}: unreadable image ("),
         (text_npy, f"{text_npy}: unreadable .npy array ("),
+        (pickled_npy, f"{pickled_npy}: unreadable .npy array (Object arrays cannot be loaded"),
         (float_npy, f"{float_npy}: array of dtype float64; expected uint8 (0..255)"),
         (np.zeros((8, 8, 2), np.uint8), "image #0: array of shape (8, 8, 2); expected HxW or"),
         (np.zeros((8, 8, 5), np.uint8), "image #0: array of shape (8, 8, 5); expected HxW or"),
