@@ -1,12 +1,24 @@
-"""search stage: Optuna over lr / batch size / weight decay, then retrain the best at full budget.
+"""search stage: Optuna over lr / batch size / weight decay; the winner becomes the tuned model.
 
 Reads: params.yaml (`seed`, `device`, `model`, `train`, `search`, `tracking`), `data/prepared/`,
-`metrics/train.json` (the baseline to compare with).
+`models/baseline.pt` (the baseline to compare with; optional outside DVC).
 Writes: the study in `search.storage` (default `studies/optuna.db`, a persistent DVC output, so a
 crashed or extended search resumes), `studies/best_params.json`, `studies/trials.csv`,
 `models/tuned.pt`, `metrics/search.json`, `plots/search_*.png`; one MLflow run with every trial
 nested under it. `search.workers: N` runs N processes on the study (several machines: point
 them at one PostgreSQL `search.storage`). Run: `dvc repro search`, `pipeline search`.
+
+Decisions, all on the val split:
+1. Each trial's objective is the val accuracy of the model it would ship (its last epoch).
+2. A study whose best trial is not above chance level (the Wilson 95 % interval of its val
+   accuracy reaches the majority-class share) fails the stage: nothing was learnt.
+3. The winner is retrained exactly as its trial was scored (its params, `search.epochs`, the
+   same seed), so `tuned_val_accuracy` reproduces `best_trial_val_accuracy` within noise.
+4. Never ship worse than the user had: the retrained winner and the baseline are compared on
+   the same val images (`pipeline.stats.paired_difference`); when the winner is worse beyond
+   the noise (the 95 % interval of the difference lies below 0), `models/tuned.pt` is the
+   baseline, `tuned_source: baseline`, and stderr says so. The test split is scored for the
+   report only.
 """
 
 from __future__ import annotations
@@ -17,21 +29,25 @@ import os
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import optuna
 import torch
 from optuna.trial import TrialState
+from torch import nn
 from tqdm.auto import tqdm
 
 from pipeline import paths
-from pipeline.checkpoint import save_checkpoint
-from pipeline.config import Params, load_params, parse_params
+from pipeline.checkpoint import load_checkpoint, save_checkpoint
+from pipeline.config import ConfigError, Params, load_params, parse_params
 from pipeline.data import DeviceData
-from pipeline.engine import fit
+from pipeline.engine import fit, predict_logits
 from pipeline.errors import StageFailed, cli_entry
-from pipeline.io import read_json, write_json
+from pipeline.io import write_json
 from pipeline.plots import search_plots, write_csv
+from pipeline.stats import PairedDifference, accuracy_interval, paired_difference
 from pipeline.study import (
+    SKIPPED_REASONS,
     enqueue_current_params,
     load_study,
     make_objective,
@@ -40,7 +56,7 @@ from pipeline.study import (
     study_name,
 )
 from pipeline.tracking import stage_run
-from pipeline.train import TrainOutcome, load_device_data, train_and_evaluate
+from pipeline.train import load_device_data, train_and_evaluate
 
 TRIAL_COLUMNS = [
     "number",
@@ -57,11 +73,22 @@ TRIAL_COLUMNS = [
 
 
 @dataclass
+class Shipped:
+    """What `models/tuned.pt` holds: the retrained winner, or the baseline when it is better."""
+
+    source: str  # "search" | "baseline"
+    model: nn.Module
+    arch: dict
+    params: Params  # the resolved params it was trained with
+    metrics: dict  # val_accuracy, test_accuracy, ...
+
+
+@dataclass
 class SearchOutcome:
     study: optuna.Study
     trials: list[dict]
     best: dict
-    tuned: TrainOutcome
+    tuned: Shipped
     metrics: dict
 
 
@@ -80,7 +107,10 @@ def _trial_trainer(params: Params, data: DeviceData):
 
 
 def _worker_threads(workers: int) -> int:
-    return max(1, (os.cpu_count() or 1) // workers)
+    """Torch threads per worker: this process's CPU share (taskset, cgroup cpusets) split
+    between the workers, so N workers never oversubscribe the cores."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, (cpus or 1) // workers)
 
 
 def _worker_process(raw_params: dict, name: str, parent_run_id, index: int, deadline) -> None:
@@ -115,6 +145,7 @@ def run_study(
     ]
     for proc in extra:
         proc.start()
+    threads = torch.get_num_threads()
     torch.set_num_threads(_worker_threads(s.workers))
     bar = tqdm(
         total=s.n_trials, desc=f"search {name}", unit="trial", disable=None if progress else True
@@ -130,6 +161,7 @@ def run_study(
             proc.join()
     finally:
         bar.close()
+        torch.set_num_threads(threads)  # the retrain and later stages get every thread back
         for proc in extra:
             if proc.is_alive():
                 proc.terminate()
@@ -156,11 +188,11 @@ def trial_rows(study: optuna.Study) -> list[dict]:
 
 
 def summarize(params: Params, study: optuna.Study, rows: list[dict]) -> dict:
-    real = [r for r in rows if r["fail_reason"] != "surplus"]
+    real = [r for r in rows if r["fail_reason"].split(":")[0] not in SKIPPED_REASONS]
     pruned = [r for r in real if r["state"] == "PRUNED"]
     return {
         "study_name": study.study_name,
-        "best_val_accuracy": round(study.best_value, 6),
+        "best_trial_val_accuracy": round(study.best_value, 6),
         "best_trial": study.best_trial.number,
         "n_complete": sum(r["state"] == "COMPLETE" for r in real),
         "n_pruned": len(pruned),
@@ -172,14 +204,69 @@ def summarize(params: Params, study: optuna.Study, rows: list[dict]) -> dict:
     }
 
 
+def check_above_chance(best_value: float, data: DeviceData, params: Params) -> None:
+    """StageFailed when the best trial's val accuracy is not above chance level (within noise).
+
+    Chance is the majority class's share of the val split; the 95 % Wilson interval of the best
+    accuracy must lie above it."""
+    labels = data.y["val"].cpu()
+    n = len(labels)
+    chance = torch.bincount(labels).max().item() / n
+    hits = round(best_value * n)
+    low, _ = accuracy_interval([True] * hits + [False] * (n - hits))
+    if low <= chance:
+        raise StageFailed(
+            f"search: every trial is at chance level (best val accuracy {best_value:.4f} on {n} "
+            f"images, chance {chance:.4f}); nothing was learnt: check search.space.lr "
+            f"{list(params.search.space.lr)} and search.epochs ({params.search.epochs})"
+        )
+
+
+def val_correct(model: nn.Module, data: DeviceData):
+    """Per-image correctness on the val split (fp32, eval mode): how every candidate is scored."""
+    model.to(data.device)
+    logits = predict_logits(model, data.x["val"], amp=False)
+    return (logits.argmax(1) == data.y["val"]).cpu().numpy()
+
+
+def load_baseline(path: Path | None, data: DeviceData) -> Shipped | None:
+    """The train stage's model, when its checkpoint exists and was trained on this dataset."""
+    if path is None or not Path(path).is_file():
+        return None
+    model, blob = load_checkpoint(path)
+    if blob.get("dataset_sha256") != data.info["sha256"]["all"]:
+        print(f"search: {path} was trained on other data; not compared", file=sys.stderr)
+        return None
+    try:
+        baseline_params = parse_params(blob["config"])
+    except ConfigError as err:
+        print(f"search: {path} has unusable params ({err}); not compared", file=sys.stderr)
+        return None
+    return Shipped("baseline", model, blob["arch"], baseline_params, dict(blob["metrics"]))
+
+
+def choose_tuned(
+    winner: Shipped, baseline: Shipped | None, data: DeviceData
+) -> tuple[Shipped, PairedDifference | None]:
+    """The winner, unless the baseline beats it on val beyond the noise (interval below 0)."""
+    if baseline is None:
+        return winner, None
+    difference = paired_difference(
+        val_correct(winner.model, data), val_correct(baseline.model, data)
+    )
+    if difference.high < 0:
+        return baseline, difference
+    return winner, difference
+
+
 def run(
     params: Params,
     data: DeviceData,
-    baseline: dict,
+    baseline_path: Path | None = paths.BASELINE_CKPT,
     parent_run_id: str | None = None,
     progress: bool = True,
 ) -> SearchOutcome:
-    """Search, then retrain the best params with the full `train.epochs` budget."""
+    """Search; retrain the winner as its trial was scored; ship it unless the baseline wins."""
     name = study_name(params, data.info["sha256"]["all"])
     start = time.perf_counter()
     study = run_study(params, data, name, parent_run_id, progress)
@@ -188,21 +275,36 @@ def run(
         raise StageFailed(f"search: no trial of study {name} completed; see studies/trials.csv")
     rows = trial_rows(study)
     metrics = summarize(params, study, rows)
+    check_above_chance(study.best_value, data, params)
     best = {
         "params": study.best_params,
         "value": study.best_value,
         "trial": study.best_trial.number,
     }
-    tuned_cfg = dataclasses.replace(params.train, **study.best_params)
-    tuned = train_and_evaluate(params, data, tuned_cfg, description="retrain best")
-    if tuned.fit.status != "ok":
-        raise StageFailed(f"search: retraining the best params diverged: {tuned.fit.message}")
+    # exactly the trial's recipe: its params, search.epochs (its OneCycle length), its seed
+    tuned_cfg = dataclasses.replace(params.train, **study.best_params, epochs=params.search.epochs)
+    retrained = train_and_evaluate(params, data, tuned_cfg, description="retrain best")
+    if retrained.fit.status != "ok":
+        raise StageFailed(f"search: retraining the best params diverged: {retrained.fit.message}")
+    winner = Shipped(
+        "search",
+        retrained.model,
+        retrained.arch,
+        dataclasses.replace(params, train=tuned_cfg),
+        retrained.metrics,
+    )
+    baseline = load_baseline(baseline_path, data)
+    tuned, difference = choose_tuned(winner, baseline, data)
     metrics.update(
+        tuned_source=tuned.source,
+        retrained_val_accuracy=retrained.metrics["val_accuracy"],
         tuned_val_accuracy=tuned.metrics["val_accuracy"],
         tuned_test_accuracy=tuned.metrics["test_accuracy"],
-        baseline_test_accuracy=baseline.get("test_accuracy"),
+        baseline_val_accuracy=baseline.metrics.get("val_accuracy") if baseline else None,
+        baseline_test_accuracy=baseline.metrics.get("test_accuracy") if baseline else None,
+        **(difference.record("search_minus_baseline_val_") if difference else {}),
         search_seconds=round(search_seconds, 2),
-        retrain_seconds=tuned.metrics["train_seconds"],
+        retrain_seconds=retrained.metrics["train_seconds"],
     )
     return SearchOutcome(study, rows, best, tuned, metrics)
 
@@ -210,15 +312,14 @@ def run(
 def _save_outputs(params: Params, outcome: SearchOutcome, info: dict, tracker) -> None:
     write_json(paths.STUDIES_DIR / "best_params.json", outcome.best)
     write_csv(paths.STUDIES_DIR / "trials.csv", outcome.trials, TRIAL_COLUMNS)
-    tuned_cfg = dataclasses.replace(params.train, **outcome.best["params"])
-    tuned_params = dataclasses.replace(params, train=tuned_cfg)
+    tuned = outcome.tuned
     save_checkpoint(
         paths.TUNED_CKPT,
-        outcome.tuned.model,
-        outcome.tuned.arch,
-        tuned_params,
+        tuned.model,
+        tuned.arch,
+        tuned.params,
         info,
-        {**outcome.tuned.metrics, "search": outcome.best},
+        {**tuned.metrics, "search": outcome.best, "tuned_source": tuned.source},
     )
     write_json(paths.METRICS_DIR / "search.json", outcome.metrics)
     pngs = search_plots(outcome.study, paths.PLOTS_DIR)
@@ -233,8 +334,6 @@ def main(argv: list[str] | None = None) -> None:
     params = load_params(paths.PARAMS)
     data = load_device_data(params)
     info = data.info
-    baseline_path = paths.METRICS_DIR / "train.json"
-    baseline = read_json(baseline_path) if baseline_path.is_file() else {}
     paths.STUDIES_DIR.mkdir(parents=True, exist_ok=True)
     name = study_name(params, info["sha256"]["all"])
     resume = load_study(params, name).user_attrs.get("mlflow_parent_run_id")
@@ -243,15 +342,44 @@ def main(argv: list[str] | None = None) -> None:
     ) as tracker:
         tracker.log_params({"search": dataclasses.asdict(params.search)})
         tracker.set_tags({"study_name": name})
-        outcome = run(params, data, baseline, tracker.run_id)
+        outcome = run(params, data, paths.BASELINE_CKPT, tracker.run_id)
         _save_outputs(params, outcome, info, tracker)
+    print(report(outcome), file=sys.stderr)
+
+
+def report(outcome: SearchOutcome) -> str:
     m = outcome.metrics
-    print(
-        f"search {name}: {m['n_complete']} complete, {m['n_pruned']} pruned, {m['n_failed']} "
-        f"failed in {m['search_seconds']:.1f}s; best val {m['best_val_accuracy']:.4f} "
-        f"{outcome.best['params']}; tuned test {m['tuned_test_accuracy']:.4f} (baseline "
-        f"{m['baseline_test_accuracy']}); {m['epochs_saved_by_pruning']} epochs saved by pruning",
-        file=sys.stderr,
+    lines = [
+        f"search {m['study_name']}: {m['n_complete']} complete, {m['n_pruned']} pruned, "
+        f"{m['n_failed']} failed in {m['search_seconds']:.1f}s; best trial {m['best_trial']} val "
+        f"{m['best_trial_val_accuracy']:.4f} {outcome.best['params']}, retrained val "
+        f"{m['retrained_val_accuracy']:.4f}; {m['epochs_saved_by_pruning']} epochs saved by "
+        "pruning"
+    ]
+    if "search_minus_baseline_val_difference" in m:
+        lines.append(
+            f"retrained winner vs baseline on val: {_difference_text(m)}; baseline val "
+            f"{m['baseline_val_accuracy']:.4f}"
+        )
+    if m["tuned_source"] == "baseline":
+        lines.append(
+            "search: the search's winner is worse than the baseline beyond the noise; "
+            "models/tuned.pt is the BASELINE model (tuned_source: baseline)"
+        )
+    lines.append(
+        f"tuned model ({m['tuned_source']}): val {m['tuned_val_accuracy']:.4f}, test "
+        f"{m['tuned_test_accuracy']:.4f} (reported once; baseline test "
+        f"{m['baseline_test_accuracy']})"
+    )
+    return "\n".join(lines)
+
+
+def _difference_text(m: dict) -> str:
+    key = "search_minus_baseline_val_"
+    return (
+        f"{100 * m[key + 'difference']:+.2f} points [{100 * m[key + 'low']:+.2f}, "
+        f"{100 * m[key + 'high']:+.2f}] 95% CI, {m[key + 'n_disagree']} of "
+        f"{m[key + 'n_images']} images disagree"
     )
 
 

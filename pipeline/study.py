@@ -7,8 +7,20 @@
   grace period and re-queued with the same params (`RetryHeartbeatStaleTrialCallback`).
 - `run_worker` runs trials until the study holds exactly `search.n_trials` finished trials
   (complete + pruned). A trial that would exceed that (two workers starting at once) stops at
-  once as FAIL with reason `surplus`, before any training; NaN losses and CUDA out-of-memory
-  end a trial as FAIL with the reason recorded, and the study goes on.
+  once as FAIL with reason `surplus`, before any training, and so does a second copy of the
+  params.yaml trial (two machines starting a study together both enqueue it): `duplicate`.
+  NaN losses and CUDA out-of-memory end a trial as FAIL with the reason recorded, and the
+  study goes on.
+- A trial's objective is the val accuracy of the model it would ship: the weights after its
+  last epoch (not the best epoch's, which are not kept). The trial's MLflow run logs that value
+  as `objective`, so sorting by it in the MLflow UI ranks trials as Optuna does.
+- Samplers are seeded from `seed`, the host name, the worker index and the study's trial count
+  (hashed, so seed 1 / worker 0 never equals seed 0 / worker 1, and machines joining one study
+  draw different start-up trials). TPE runs with `constant_liar` (running trials count as
+  pessimistic observations, so parallel workers spread out).
+- Pruners: `successive_halving` (default: one bracket, so TPE models every trial; with
+  Hyperband, Optuna gives the sampler only the current bracket's trials and most trials are
+  random start-up draws), `hyperband`, `median`, `none`.
 - Each trial is an MLflow run nested under the search run (`pipeline.tracking.ChildRun`) with
   params, per-epoch `train_loss` / `val_accuracy`, and a `state` tag; a pruned trial's run ends
   KILLED, a failed one FAILED, so the MLflow UI never shows them as successes.
@@ -19,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import socket
 import sys
 import time
 import warnings
@@ -36,6 +49,8 @@ from pipeline.tracking import ChildRun, end_stale_run
 HEARTBEAT_INTERVAL_S = 2
 GRACE_PERIOD_S = 10
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+# FAIL reasons of trials stopped before training (bookkeeping, not failures of a config)
+SKIPPED_REASONS = ("surplus", "duplicate")
 
 
 class TrialFailed(Exception):
@@ -83,12 +98,31 @@ def make_storage(url: str):
     return optuna.storages.get_storage(url)
 
 
-def make_sampler(params: Params, salt: int = 0) -> optuna.samplers.BaseSampler:
-    seed = params.seed * 1000 + salt
+def sampler_seed(seed: int, worker: int, existing: int, host: str | None = None) -> int:
+    """A 32-bit sampler seed from everything that must give different draws (hashed, so no
+    two (seed, worker) pairs collide the way `seed * 1000 + worker` did)."""
+    host = socket.gethostname() if host is None else host
+    key = json.dumps([seed, host, worker, existing])
+    return int(hashlib.sha256(key.encode()).hexdigest()[:8], 16)
+
+
+def startup_trials(n_trials: int) -> int:
+    """TPE's random start-up trials: a sixth of the study, 3 to 10."""
+    return max(3, min(10, n_trials // 6))
+
+
+def make_sampler(
+    params: Params, worker: int = 0, existing: int = 0, host: str | None = None
+) -> optuna.samplers.BaseSampler:
+    seed = sampler_seed(params.seed, worker, existing, host)
     s = params.search
     if s.sampler == "tpe":
-        startup = max(4, min(10, s.n_trials // 3))
-        return optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=startup)
+        return optuna.samplers.TPESampler(
+            seed=seed,
+            multivariate=True,
+            n_startup_trials=startup_trials(s.n_trials),
+            constant_liar=True,
+        )
     if s.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if s.sampler == "cmaes":
@@ -101,6 +135,10 @@ def make_pruner(params: Params) -> optuna.pruners.BasePruner:
     if s.pruner == "hyperband":
         return optuna.pruners.HyperbandPruner(
             min_resource=s.min_epochs, max_resource=s.epochs, reduction_factor=s.reduction_factor
+        )
+    if s.pruner == "successive_halving":
+        return optuna.pruners.SuccessiveHalvingPruner(
+            min_resource=s.min_epochs, reduction_factor=s.reduction_factor
         )
     if s.pruner == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=s.min_epochs)
@@ -123,7 +161,7 @@ def load_study(params: Params, name: str, worker: int = 0) -> optuna.Study:
             storage=storage,
             study_name=name,
             direction="maximize",
-            sampler=make_sampler(params, salt=1000 * worker + existing),
+            sampler=make_sampler(params, worker, existing),
             pruner=make_pruner(params),
             load_if_exists=True,
         )
@@ -175,6 +213,21 @@ def _suggest(trial: optuna.Trial, params: Params) -> dict:
     }
 
 
+def _duplicate_of(trial: optuna.Trial) -> int | None:
+    """For a params.yaml trial: the number of an earlier params.yaml trial, if there is one
+    (each machine that starts a new study enqueues it; the first one enqueued runs)."""
+    if trial.user_attrs.get("source") != "params.yaml":
+        return None
+    earlier = [
+        t.number
+        for t in trial.study.get_trials(deepcopy=False)
+        if t.number < trial.number
+        and t.user_attrs.get("source") == "params.yaml"
+        and t.user_attrs.get("fail_reason", "").split(":")[0] not in SKIPPED_REASONS
+    ]
+    return min(earlier, default=None)
+
+
 def _is_surplus(trial: optuna.Trial, n_trials: int) -> bool:
     """True when n_trials trials numbered before this one are finished or still running."""
     ahead = trial.study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING))
@@ -206,6 +259,10 @@ def make_objective(
         if _is_surplus(trial, params.search.n_trials):
             trial.set_user_attr("fail_reason", "surplus")
             raise TrialFailed("surplus: the study already has search.n_trials trials")
+        duplicate = _duplicate_of(trial)
+        if duplicate is not None:
+            trial.set_user_attr("fail_reason", f"duplicate: params.yaml trial {duplicate}")
+            raise TrialFailed("duplicate: the params.yaml trial was enqueued twice")
         hp = _suggest(trial, params)
         retried = _retried_trial_number(trial)
         trial.set_user_attr("worker", worker)
@@ -248,7 +305,9 @@ def make_objective(
                 reason = result.message
                 raise TrialFailed(reason)
             state, status = "COMPLETE", "FINISHED"
-            return result.best_val_accuracy
+            if run is not None:  # the value Optuna ranks by (the shipped, last-epoch model)
+                run.log_metrics({"objective": result.val_accuracy}, epochs_run)
+            return result.val_accuracy
         except optuna.TrialPruned:
             state, status = "PRUNED", "KILLED"
             raise
