@@ -83,6 +83,18 @@ def test_backoff_bisects_to_the_largest_ratio_within_budget():
     assert len(tried) == 1 and not chosen.within_budget
 
 
+def test_with_no_ratio_within_budget_the_most_accurate_on_val_is_kept():
+    val_accuracy = {0.8: 0.5, 0.4: 0.9, 0.2: 0.7}  # neither the last nor the smallest ratio
+
+    def attempt(ratio):
+        diff = _difference(0, 50)
+        return compress.PruneAttempt(ratio, val_accuracy[ratio], diff, 100, 10, False, "ok")
+
+    chosen, tried = compress.search_ratio(0.8, 2, attempt)
+    assert [a.ratio for a in tried] == [0.8, 0.4, 0.2]
+    assert chosen.ratio == 0.4 and not chosen.within_budget
+
+
 def test_ratios_that_round_to_the_same_widths_are_fine_tuned_once():
     widths = {0.5: "8-16", 0.3: "8-16", 0.25: "8-24"}.get  # as pipeline.pruning.pruned_widths
     calls = []
