@@ -94,6 +94,8 @@ def copy_project(dest: Path) -> Path:
         ".whl",
         "*.db",
         "*.onnx",
+        "mutants",
+        "mutants.log",
     )
     shutil.copytree(REPO_ROOT, dest, ignore=ignore)
     commit = [

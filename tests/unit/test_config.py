@@ -219,11 +219,14 @@ def test_hash_is_the_sha256_prefix_of_the_canonical_json():
 @dataclasses.dataclass(frozen=True)
 class _Odd:
     values: set = dataclasses.field(default_factory=set)
+    maybe: set | None = None
 
 
 def test_an_unsupported_field_type_is_a_programming_error():
-    with pytest.raises(TypeError, match="unsupported config type .* at odd.values"):
+    with pytest.raises(TypeError, match="^unsupported config type <class 'set'> at odd.values$"):
         build(_Odd, {"values": [1]}, "odd")
+    with pytest.raises(TypeError, match="^unsupported config type <class 'set'> at odd.maybe$"):
+        build(_Odd, {"maybe": [1]}, "odd")
     assert build(_Odd, {}) == _Odd()
 
 
