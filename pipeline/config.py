@@ -114,9 +114,10 @@ class SearchConfig:
     epochs: int = field(default=12, metadata=_check(lambda x: 1 <= x <= 10_000, "1..10000"))
     min_epochs: int = field(default=1, metadata=_check(lambda x: x >= 1, ">= 1"))
     sampler: Literal["tpe", "random", "cmaes", "qmc"] = "tpe"
-    pruner: Literal["successive_halving", "hyperband", "median", "none"] = "hyperband"
+    pruner: Literal["successive_halving", "hyperband", "median", "none"] = "successive_halving"
     # successive_halving / hyperband: 1 in reduction_factor trials goes on per rung
-    reduction_factor: int = field(default=4, metadata=_check(lambda x: 2 <= x <= 100, "2..100"))
+    # (2 and successive halving: benchmarks/search_efficiency.py)
+    reduction_factor: int = field(default=2, metadata=_check(lambda x: 2 <= x <= 100, "2..100"))
     storage: str = "sqlite:///studies/optuna.db"
     study_name: str | None = None  # default: derived from dataset, model and search space
     workers: int = field(default=1, metadata=_check(lambda x: 1 <= x <= 256, "1..256"))

@@ -405,11 +405,13 @@ def test_every_sampler_option_builds_its_sampler(tmp_path, tiny_params, name, cl
     ],
 )
 def test_every_pruner_option_builds_its_pruner(tmp_path, tiny_params, name, cls):
-    params = _params(tmp_path, tiny_params, pruner=name, epochs=9, min_epochs=2)
+    params = _params(
+        tmp_path, tiny_params, pruner=name, epochs=9, min_epochs=2, reduction_factor=3
+    )
     pruner = study.make_pruner(params)
     assert type(pruner) is cls
     if name == "successive_halving":
-        assert (pruner._min_resource, pruner._reduction_factor) == (2, 4)
+        assert (pruner._min_resource, pruner._reduction_factor) == (2, 3)
     if name == "hyperband":
         assert (pruner._min_resource, pruner._max_resource) == (2, 9)
 
