@@ -1,4 +1,4 @@
-"""Text tables and flat metric keys of the compress and export stages (no decisions here).
+"""Text tables and flat metric keys of the search, compress and export stages (no decisions).
 
 - `versus_reference(correct, reference)`: each model's paired val difference to the reference
   (`pipeline.stats.paired_difference` over the same images).
@@ -8,6 +8,8 @@
   accuracy, the paired difference to the tuned model with its 95 % interval and how many images
   disagree, the verdict, and the test accuracy (reported once, after every decision).
 - `manifest_table(manifest)`: the export manifest as a Markdown table.
+- `search_summary(metrics, best_params)`: what the search stage prints on stderr: the study, the
+  winner and its retrained score, the paired difference to the baseline, what was shipped.
 """
 
 from __future__ import annotations
@@ -94,4 +96,33 @@ def manifest_table(manifest: dict) -> str:
             f"{parity} | {'yes' if e['accepted'] else 'no: ' + e['reason']} | "
             f"{'**yes**' if e['recommended'] else ''} |"
         )
+    return "\n".join(lines)
+
+
+def search_summary(m: dict, best_params: dict) -> str:
+    """The search stage's summary from its metrics (see `pipeline.search.run`)."""
+    lines = [
+        f"search {m['study_name']}: {m['n_complete']} complete, {m['n_pruned']} pruned, "
+        f"{m['n_failed']} failed in {m['search_seconds']:.1f}s; best trial {m['best_trial']} val "
+        f"{m['best_trial_val_accuracy']:.4f} {best_params}, retrained val "
+        f"{m['retrained_val_accuracy']:.4f}; {m['epochs_saved_by_pruning']} epochs saved by "
+        "pruning"
+    ]
+    prefix = "search_minus_baseline_val_"
+    if prefix + "difference" in m:
+        record = {k: m[prefix + k] for k in ("difference", "low", "high", "n_disagree")}
+        lines.append(
+            f"retrained winner vs baseline on val, points [95% CI]: "
+            f"{describe_difference(record)}; baseline val {m['baseline_val_accuracy']:.4f}"
+        )
+    if m["tuned_source"] == "baseline":
+        lines.append(
+            "search: the search's winner is worse than the baseline beyond the noise; "
+            "models/tuned.pt is the BASELINE model (tuned_source: baseline)"
+        )
+    lines.append(
+        f"tuned model ({m['tuned_source']}): val {m['tuned_val_accuracy']:.4f}, test "
+        f"{m['tuned_test_accuracy']:.4f} (reported once; baseline test "
+        f"{m['baseline_test_accuracy']})"
+    )
     return "\n".join(lines)

@@ -45,6 +45,7 @@ from pipeline.engine import fit, predict_logits
 from pipeline.errors import StageFailed, cli_entry
 from pipeline.io import write_json
 from pipeline.plots import search_plots, write_csv
+from pipeline.reporting import search_summary
 from pipeline.stats import PairedDifference, accuracy_interval, paired_difference
 from pipeline.study import (
     SKIPPED_REASONS,
@@ -344,43 +345,7 @@ def main(argv: list[str] | None = None) -> None:
         tracker.set_tags({"study_name": name})
         outcome = run(params, data, paths.BASELINE_CKPT, tracker.run_id)
         _save_outputs(params, outcome, info, tracker)
-    print(report(outcome), file=sys.stderr)
-
-
-def report(outcome: SearchOutcome) -> str:
-    m = outcome.metrics
-    lines = [
-        f"search {m['study_name']}: {m['n_complete']} complete, {m['n_pruned']} pruned, "
-        f"{m['n_failed']} failed in {m['search_seconds']:.1f}s; best trial {m['best_trial']} val "
-        f"{m['best_trial_val_accuracy']:.4f} {outcome.best['params']}, retrained val "
-        f"{m['retrained_val_accuracy']:.4f}; {m['epochs_saved_by_pruning']} epochs saved by "
-        "pruning"
-    ]
-    if "search_minus_baseline_val_difference" in m:
-        lines.append(
-            f"retrained winner vs baseline on val: {_difference_text(m)}; baseline val "
-            f"{m['baseline_val_accuracy']:.4f}"
-        )
-    if m["tuned_source"] == "baseline":
-        lines.append(
-            "search: the search's winner is worse than the baseline beyond the noise; "
-            "models/tuned.pt is the BASELINE model (tuned_source: baseline)"
-        )
-    lines.append(
-        f"tuned model ({m['tuned_source']}): val {m['tuned_val_accuracy']:.4f}, test "
-        f"{m['tuned_test_accuracy']:.4f} (reported once; baseline test "
-        f"{m['baseline_test_accuracy']})"
-    )
-    return "\n".join(lines)
-
-
-def _difference_text(m: dict) -> str:
-    key = "search_minus_baseline_val_"
-    return (
-        f"{100 * m[key + 'difference']:+.2f} points [{100 * m[key + 'low']:+.2f}, "
-        f"{100 * m[key + 'high']:+.2f}] 95% CI, {m[key + 'n_disagree']} of "
-        f"{m[key + 'n_images']} images disagree"
-    )
+    print(search_summary(outcome.metrics, outcome.best["params"]), file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from pipeline.checkpoint import load_checkpoint, save_checkpoint
 from pipeline.config import parse_params
 from pipeline.data import DeviceData, prepare
 from pipeline.errors import StageFailed
+from pipeline.reporting import search_summary
 from pipeline.study import reconcile_stale_runs, study_name
 from pipeline.tracking import ChildRun, stage_run
 from pipeline.train import train_and_evaluate
@@ -328,7 +329,8 @@ def test_a_worse_search_keeps_the_baseline_and_says_so(
     for name, tensor in baseline_model.state_dict().items():
         assert torch.equal(outcome.tuned.model.state_dict()[name].cpu(), tensor)
     assert outcome.tuned.params.train.lr == blob["config"]["train"]["lr"]
-    assert "BASELINE" in search.report(outcome)
+    summary = search_summary(outcome.metrics, outcome.best["params"])
+    assert "models/tuned.pt is the BASELINE model" in summary
 
 
 @pytest.mark.integration
