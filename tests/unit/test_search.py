@@ -501,3 +501,745 @@ def test_a_params_yaml_trial_enqueued_twice_runs_once(tmp_path, tiny_params, dig
     assert duplicate.user_attrs["fail_reason"] == "duplicate: params.yaml trial 0"
     rows = search.trial_rows(result)
     assert search.summarize(params, result, rows)["n_failed"] == 0
+
+
+# ---- fast tests of the study and search decisions (in-memory Optuna studies, stand-in trainer)
+
+
+def _fit(*accuracies, status="ok", message=""):
+    from pipeline.engine import FitResult
+
+    history = [{"train_loss": 1.0 / (i + 1), "val_accuracy": a} for i, a in enumerate(accuracies)]
+    return FitResult(status, message, history)
+
+
+def _cpu():
+    from types import SimpleNamespace
+
+    return SimpleNamespace(device=torch.device("cpu"))
+
+
+def test_study_name_is_search_study_name_when_set():
+    params = parse_params({"search": {"study_name": "mine"}})
+    assert study_name(params, "sha") == "mine"
+
+
+def test_study_name_is_a_digest_of_what_changes_the_objective():
+    import dataclasses
+
+    default = parse_params({})
+    model = dataclasses.replace(default.model, name="torchvision:resnet18")
+    name = study_name(dataclasses.replace(default, model=model), "abc")
+    assert name == "digits-torchvision-resnet18-" + name.rsplit("-", 1)[1]
+    digest = name.rsplit("-", 1)[1]
+    assert len(digest) == 10 and int(digest, 16) >= 0
+    assert study_name(parse_params({}), "abc") == "digits-cnn-596c5c2e0f"  # pinned recipe digest
+    same = [
+        {"train": {"lr": 0.2, "batch_size": 16, "weight_decay": 0.1, "epochs": 3}},
+        {"search": {"n_trials": 5, "workers": 2, "timeout_s": 9, "storage": "sqlite:///x.db"}},
+    ]
+    for overrides in same:  # searched, replaced by search.epochs, or not in the objective
+        assert study_name(parse_params(overrides), "abc") == "digits-cnn-596c5c2e0f"
+    changed = [
+        {"model": {"widths": [8]}},
+        {"train": {"momentum": 0.5}},
+        {"search": {"space": {"lr": [0.01, 0.1]}}},
+        {"search": {"epochs": 5}},
+        {"search": {"min_epochs": 2}},
+        {"search": {"sampler": "random"}},
+        {"search": {"pruner": "median"}},
+        {"search": {"reduction_factor": 3}},
+        {"seed": 1},
+    ]
+    names = {study_name(parse_params(o), "abc") for o in changed}
+    names |= {study_name(parse_params({}), "abd")}
+    assert len(names) == len(changed) + 1 and "digits-cnn-596c5c2e0f" not in names
+
+
+def test_make_storage_sqlite_has_heartbeat_retry_and_a_lock_timeout(tmp_path):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the experimental heartbeat arguments warn silently
+        storage = study.make_storage(f"sqlite:///{tmp_path / 'o.db'}")
+    assert isinstance(storage, optuna.storages.RDBStorage)
+    assert storage.engine_kwargs == {"connect_args": {"timeout": 60}}
+    assert (storage.heartbeat_interval, storage.grace_period) == (2, 10)
+    callback = storage.heartbeat_stale_trial_callback
+    assert isinstance(callback, optuna.storages.RetryHeartbeatStaleTrialCallback)
+    assert callback._max_retry == 3
+
+
+def test_make_storage_server_urls_get_the_heartbeat_without_sqlite_options(monkeypatch):
+    made = []
+    monkeypatch.setattr(optuna.storages, "RDBStorage", lambda url, **kw: made.append((url, kw)))
+    monkeypatch.setattr(optuna.storages, "get_storage", lambda url: ("plain", url))
+    for url in ("postgresql://h/db", "mysql://h/db", "sqlite:///a.db"):
+        study.make_storage(url)
+    assert [url for url, _ in made] == ["postgresql://h/db", "mysql://h/db", "sqlite:///a.db"]
+    assert [kw["engine_kwargs"] for _, kw in made] == [{}, {}, {"connect_args": {"timeout": 60}}]
+    assert {(kw["heartbeat_interval"], kw["grace_period"]) for _, kw in made} == {(2, 10)}
+    assert study.make_storage("redis://h") == ("plain", "redis://h")
+
+
+def test_sampler_seed_is_32_bits_and_defaults_to_this_host(monkeypatch):
+    monkeypatch.setattr(study.socket, "gethostname", lambda: "host-x")
+    assert study.sampler_seed(3, 1, 2) == study.sampler_seed(3, 1, 2, "host-x")
+    assert study.sampler_seed(3, 1, 2) != study.sampler_seed(3, 1, 2, "host-y")
+    assert study.sampler_seed(0, 0, 0, "a") == 4070366536  # sha256('[0, "a", 0, 0]')[:8], hex
+    assert study.sampler_seed(0, 0, 1, "a") != study.sampler_seed(0, 0, 0, "a")
+    seeds = [study.sampler_seed(s, 0, 0, "a") for s in range(200)]
+    assert max(seeds) < 2**32 and max(seeds) >= 2**31  # 8 hex digits, all of them used
+
+
+def test_startup_trials_is_a_sixth_of_the_study_from_3_to_10():
+    expected = {1: 3, 18: 3, 23: 3, 24: 4, 30: 5, 59: 9, 60: 10, 66: 10, 1000: 10}
+    assert {n: study.startup_trials(n) for n in expected} == expected
+
+
+def _draws(sampler, n=3):
+    s = optuna.create_study(sampler=sampler)
+    return [s.ask().suggest_float("lr", 1e-3, 1, log=True) for _ in range(n)]
+
+
+def test_make_sampler_seeds_from_seed_worker_trial_count_and_host(tiny_params):
+    raw = dict(tiny_params, seed=5)
+    raw["search"] = {**raw["search"], "sampler": "random"}
+    params = parse_params(raw)
+    sampler = study.make_sampler(params, worker=2, existing=7, host="h")
+    reference = optuna.samplers.RandomSampler(seed=study.sampler_seed(5, 2, 7, "h"))
+    assert _draws(sampler) == _draws(reference)
+    tpe = study.make_sampler(parse_params(tiny_params), 1, 4, "h")
+    assert _draws(tpe) == _draws(
+        optuna.samplers.RandomSampler(seed=study.sampler_seed(0, 1, 4, "h"))
+    )
+    assert tpe._multivariate is True and tpe._n_startup_trials == 3
+
+
+def test_make_sampler_options_are_seeded_and_quiet(tiny_params):
+    import warnings
+
+    def make(name):
+        raw = dict(tiny_params)
+        raw["search"] = {**raw["search"], "sampler": name}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return study.make_sampler(parse_params(raw), 1, 2, "h")
+
+    seed = study.sampler_seed(0, 1, 2, "h")
+    qmc = make("qmc")
+    assert (qmc._seed, qmc._scramble, qmc._warn_independent_sampling) == (seed, True, False)
+    cmaes = make("cmaes")
+    assert cmaes._warn_independent_sampling is False
+    reference = optuna.samplers.CmaEsSampler(seed=seed)._cma_rng.rng.get_state()[1]
+    assert (cmaes._cma_rng.rng.get_state()[1] == reference).all()
+
+
+def test_median_pruner_waits_for_min_epochs_and_five_trials(tmp_path, tiny_params):
+    params = _params(tmp_path, tiny_params, pruner="median", epochs=9, min_epochs=3)
+    pruner = study.make_pruner(params)
+    assert (pruner._n_startup_trials, pruner._n_warmup_steps) == (5, 3)
+    params = _params(tmp_path, tiny_params, pruner="hyperband", epochs=9, reduction_factor=4)
+    assert study.make_pruner(params)._reduction_factor == 4
+
+
+def test_load_study_creates_then_resumes_with_a_trial_count_seed(tmp_path, tiny_params):
+    params = _params(tmp_path, tiny_params, sampler="random", pruner="median")
+    optuna.logging.set_verbosity(optuna.logging.INFO)
+    first = study.load_study(params, "s", worker=3)
+    assert optuna.logging.get_verbosity() == optuna.logging.WARNING
+    assert first.direction == optuna.study.StudyDirection.MAXIMIZE
+    assert type(first.pruner) is optuna.pruners.MedianPruner
+    host = study.socket.gethostname()
+    expected = optuna.samplers.RandomSampler(seed=study.sampler_seed(0, 3, 0, host))
+    assert _draws(first.sampler) == _draws(expected)
+    first.add_trial(optuna.trial.create_trial(value=0.5))
+    first.add_trial(optuna.trial.create_trial(value=0.6))
+    again = study.load_study(params, "s", worker=3)  # resumes: same study, seed from 2 trials
+    assert again._study_id == first._study_id and len(again.trials) == 2
+    expected = optuna.samplers.RandomSampler(seed=study.sampler_seed(0, 3, 2, host))
+    assert _draws(again.sampler) == _draws(expected)
+
+
+def test_load_study_turns_a_storage_error_into_a_config_error(tmp_path, tiny_params, monkeypatch):
+    from pipeline.errors import ConfigError
+
+    params = _params(tmp_path, tiny_params)
+
+    def broken(url):
+        raise ValueError("x" * 200 + "\nsecond line")
+
+    monkeypatch.setattr(study, "make_storage", broken)
+    with pytest.raises(ConfigError) as info:
+        study.load_study(params, "s")
+    expected = f"search.storage: got {params.search.storage!r}; cannot open it (ValueError: "
+    assert str(info.value) == expected + "x" * 160 + ")"
+    assert info.value.__cause__ is None and info.value.__suppress_context__
+
+    def duplicated(url):
+        raise optuna.exceptions.DuplicatedStudyError("taken")
+
+    monkeypatch.setattr(study, "make_storage", duplicated)
+    with pytest.raises(optuna.exceptions.DuplicatedStudyError):
+        study.load_study(params, "s")
+
+
+def _space_params(lr, batch_size, weight_decay):
+    return parse_params(
+        {
+            "train": {"lr": lr, "batch_size": batch_size, "weight_decay": weight_decay},
+            "search": {
+                "space": {"lr": [0.01, 0.1], "batch_size": [32, 64], "weight_decay": [1e-4, 1e-2]}
+            },
+        }
+    )
+
+
+def test_enqueue_current_params_runs_params_yaml_first_when_inside_the_space():
+    s = optuna.create_study()
+    assert study.enqueue_current_params(s, _space_params(0.01, 32, 1e-4)) is True
+    assert study.enqueue_current_params(s, _space_params(0.1, 64, 1e-2)) is False  # not new
+    (waiting,) = s.trials
+    assert waiting.state == TrialState.WAITING
+    assert waiting.user_attrs == {"source": "params.yaml"}
+    assert waiting.system_attrs["fixed_params"] == {
+        "lr": 0.01,
+        "batch_size": 32,
+        "weight_decay": 1e-4,
+    }
+    assert study.enqueue_current_params(optuna.create_study(), _space_params(0.1, 64, 1e-2))
+    outside = [(0.0099, 32, 1e-3), (0.11, 32, 1e-3), (0.05, 16, 1e-3)]
+    outside += [(0.05, 32, 9e-5), (0.05, 32, 0.011)]
+    for values in outside:
+        s = optuna.create_study()
+        assert study.enqueue_current_params(s, _space_params(*values)) is False
+        assert s.trials == []
+
+
+def test_counts_finished_running_and_waiting_trials():
+    s = optuna.create_study()
+    for state, n in [
+        (TrialState.COMPLETE, 2),
+        (TrialState.PRUNED, 3),
+        (TrialState.FAIL, 4),
+    ]:
+        for _ in range(n):
+            s.add_trial(
+                optuna.trial.create_trial(
+                    state=state, value=0.5 if state.name == "COMPLETE" else None
+                )
+            )
+    for _ in range(6):
+        s.enqueue_trial({"lr": 0.1})
+    for _ in range(7):
+        s.ask()  # the 6 waiting ones first, then a new one
+    for _ in range(8):
+        s.enqueue_trial({"lr": 0.2})
+    assert study.counts(s) == {"finished": 5, "running": 7, "waiting": 8}
+    assert study.counts(optuna.create_study()) == {"finished": 0, "running": 0, "waiting": 0}
+
+
+def test_suggest_draws_from_the_configured_log_space():
+    params = _space_params(0.05, 32, 1e-3)
+    s = optuna.create_study()
+    s.enqueue_trial({"lr": 0.02, "batch_size": 64, "weight_decay": 5e-3})
+    trial = s.ask()
+    assert study._suggest(trial, params) == {"lr": 0.02, "batch_size": 64, "weight_decay": 5e-3}
+    d = trial.distributions
+    assert d["lr"] == optuna.distributions.FloatDistribution(0.01, 0.1, log=True)
+    assert d["batch_size"] == optuna.distributions.CategoricalDistribution([32, 64])
+    assert d["weight_decay"] == optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True)
+
+
+def _add(s, state=TrialState.FAIL, **user_attrs):
+    value = 0.5 if state == TrialState.COMPLETE else None
+    s.add_trial(optuna.trial.create_trial(state=state, value=value, user_attrs=user_attrs))
+
+
+def test_duplicate_of_names_the_first_params_yaml_trial_that_ran():
+    s = optuna.create_study()
+    _add(s, source="params.yaml", fail_reason="surplus")  # 0: stopped before training
+    _add(s, source="params.yaml", fail_reason="duplicate: params.yaml trial 9")  # 1
+    _add(s, TrialState.COMPLETE, source="sampler")  # 2
+    first = s.ask()  # 3
+    first.set_user_attr("source", "params.yaml")
+    assert study._duplicate_of(first) is None  # nothing earlier ran it (itself does not count)
+    _add(s, source="params.yaml", fail_reason="nan loss: diverged")  # 4: ran, then failed
+    _add(s, TrialState.COMPLETE, source="params.yaml")  # 5
+    second = s.ask()  # 6
+    second.set_user_attr("source", "params.yaml")
+    assert study._duplicate_of(second) == 3
+    other = s.ask()  # 7
+    assert study._duplicate_of(other) is None  # not a params.yaml trial
+
+
+def test_is_surplus_counts_finished_and_running_trials_numbered_before():
+    s = optuna.create_study()
+    _add(s, TrialState.COMPLETE)  # 0
+    _add(s, TrialState.PRUNED)  # 1
+    _add(s, TrialState.FAIL)  # 2: does not count
+    s.ask()  # 3: running
+    s.enqueue_trial({"lr": 0.1})  # 4: waiting, does not count
+    trial = s.ask()  # 4 (the waiting one, now running)
+    s.ask()  # 5: running, after it
+    assert trial.number == 4
+    assert study._is_surplus(trial, 3) is True
+    assert study._is_surplus(trial, 4) is False
+
+
+def test_retried_trial_number_reads_the_heartbeat_retry_mark():
+    s = optuna.create_study()
+    plain = s.ask()
+    retried = s.ask()
+    s._storage.set_trial_system_attr(retried._trial_id, "failed_trial", 7)
+    assert study._retried_trial_number(retried) == 7
+    assert study._retried_trial_number(plain) is None
+    s.tell(plain, 0.5)
+    assert study._retried_trial_number(plain) is None  # only running trials are looked up
+
+
+class _FakeRun:
+    """Records what the objective sends to a trial's MLflow run (pipeline.tracking.ChildRun)."""
+
+    made: list = []
+
+    def __init__(self, params, parent_run_id, name, tags):
+        self.parent, self.name, self.tags = parent_run_id, name, tags
+        self.run_id = f"run-{name}"
+        self.params, self.metrics, self.finished = None, [], None
+        _FakeRun.made.append(self)
+
+    def log_params(self, values):
+        self.params = values
+
+    def log_metrics(self, values, step):
+        self.metrics.append((values, step))
+
+    def finish(self, status, tags):
+        self.finished = (status, tags)
+
+
+def _objective_params(**search):
+    return parse_params(
+        {
+            "train": {"lr": 0.05, "batch_size": 32, "weight_decay": 1e-3, "epochs": 30},
+            "search": {
+                "n_trials": 3,
+                "epochs": 4,
+                "space": {"lr": [0.01, 0.1], "batch_size": [32, 64], "weight_decay": [1e-4, 1e-2]},
+                **search,
+            },
+        }
+    )
+
+
+def test_objective_trains_the_suggested_config_and_returns_its_last_epoch(monkeypatch):
+    monkeypatch.setattr(study, "ChildRun", _FakeRun)
+    _FakeRun.made = []
+    params = _objective_params()
+    seen = []
+
+    def train_fn(train_cfg, on_epoch):
+        seen.append(train_cfg)
+        on_epoch(1, {"train_loss": 2.0, "val_accuracy": 0.5, "lr": 0.1})
+        on_epoch(2, {"train_loss": 1.0, "val_accuracy": 0.9, "lr": 0.1})
+        return _fit(0.5, 0.75)  # the last epoch's model is what ships: 0.75, not the best
+
+    s = optuna.create_study(direction="maximize", pruner=optuna.pruners.NopPruner())
+    s.enqueue_trial({"lr": 0.02, "batch_size": 64, "weight_decay": 5e-3})
+    objective = study.make_objective(params, _cpu(), "parent-1", train_fn, worker=3)
+    s.optimize(objective, n_trials=1)
+    (t,) = s.trials
+    assert t.state == TrialState.COMPLETE and t.value == 0.75
+    assert t.intermediate_values == {1: 0.5, 2: 0.9}
+    (cfg,) = seen
+    assert (cfg.lr, cfg.batch_size, cfg.weight_decay, cfg.epochs) == (0.02, 64, 5e-3, 4)
+    assert dataclasses_replace_rest(cfg, params.train)
+    assert t.user_attrs["worker"] == 3 and t.user_attrs["device"] == "cpu"
+    assert t.user_attrs["epochs_run"] == 2 and "fail_reason" not in t.user_attrs
+    assert 0 <= t.user_attrs["seconds"] < 60
+    (run,) = _FakeRun.made
+    assert (run.parent, run.name) == ("parent-1", "trial-000")
+    assert run.tags == {
+        "trial_number": 0,
+        "state": "RUNNING",
+        "worker": 3,
+        "study": s.study_name,
+        "device": "cpu",
+    }
+    assert t.user_attrs["mlflow_run_id"] == "run-trial-000"
+    assert run.params == {"lr": 0.02, "batch_size": 64, "weight_decay": 5e-3, "trial_number": 0}
+    assert run.metrics == [
+        ({"train_loss": 2.0, "val_accuracy": 0.5}, 1),
+        ({"train_loss": 1.0, "val_accuracy": 0.9}, 2),
+        ({"objective": 0.75}, 2),
+    ]
+    status, tags = run.finished
+    assert status == "FINISHED"
+    assert tags == {"state": "COMPLETE", "duration_s": t.user_attrs["seconds"], "fail_reason": ""}
+
+
+def dataclasses_replace_rest(cfg, train) -> bool:
+    """Every field but the searched ones and epochs is params.yaml's."""
+    import dataclasses
+
+    kept = [f.name for f in dataclasses.fields(train)]
+    kept = [k for k in kept if k not in ("lr", "batch_size", "weight_decay", "epochs")]
+    return bool(kept) and all(getattr(cfg, k) == getattr(train, k) for k in kept)
+
+
+def test_objective_without_a_parent_run_logs_nothing(monkeypatch):
+    monkeypatch.setattr(study, "ChildRun", _FakeRun)
+    _FakeRun.made = []
+    s = optuna.create_study(direction="maximize")
+    objective = study.make_objective(_objective_params(), _cpu(), None, lambda c, e: _fit(0.6))
+    s.optimize(objective, n_trials=1)
+    assert s.trials[0].value == 0.6 and "mlflow_run_id" not in s.trials[0].user_attrs
+    assert s.trials[0].user_attrs["worker"] == 0 and s.trials[0].user_attrs["epochs_run"] == 0
+    assert _FakeRun.made == []
+
+
+def test_objective_records_a_diverged_run_as_failed_with_its_message(monkeypatch):
+    monkeypatch.setattr(study, "ChildRun", _FakeRun)
+    _FakeRun.made = []
+
+    def train_fn(train_cfg, on_epoch):
+        on_epoch(1, {"train_loss": 9.0, "val_accuracy": 0.1})
+        return _fit(0.1, status="diverged", message="loss is nan at epoch 2")
+
+    s = optuna.create_study(direction="maximize")
+    objective = study.make_objective(_objective_params(), _cpu(), "p", train_fn)
+    with pytest.raises(study.TrialFailed, match="^loss is nan at epoch 2$"):
+        objective(s.ask())
+    s.optimize(objective, n_trials=1, catch=(study.TrialFailed,))
+    t = s.trials[1]
+    assert t.state == TrialState.FAIL
+    assert t.user_attrs["fail_reason"] == "loss is nan at epoch 2"
+    assert t.user_attrs["epochs_run"] == 1
+    status, tags = _FakeRun.made[1].finished
+    assert status == "FAILED"
+    assert tags["state"] == "FAIL" and tags["fail_reason"] == "loss is nan at epoch 2"
+
+
+class _AlwaysPrune(optuna.pruners.BasePruner):
+    def prune(self, study, trial):
+        return True
+
+
+def test_objective_stops_a_pruned_trial_at_that_epoch(monkeypatch):
+    monkeypatch.setattr(study, "ChildRun", _FakeRun)
+    _FakeRun.made = []
+    epochs = []
+
+    def train_fn(train_cfg, on_epoch):
+        for epoch in (1, 2, 3):
+            epochs.append(epoch)
+            on_epoch(epoch, {"train_loss": 1.0, "val_accuracy": 0.3})
+        return _fit(0.3, 0.3, 0.3)
+
+    s = optuna.create_study(direction="maximize", pruner=_AlwaysPrune())
+    objective = study.make_objective(_objective_params(), _cpu(), "p", train_fn)
+    with pytest.raises(optuna.TrialPruned, match="^pruned at epoch 1$"):
+        objective(s.ask())
+    s.optimize(objective, n_trials=1)
+    t = s.trials[1]
+    assert t.state == TrialState.PRUNED and epochs == [1, 1]
+    assert t.user_attrs["epochs_run"] == 1 and "fail_reason" not in t.user_attrs
+    assert _FakeRun.made[1].finished == (
+        "KILLED",
+        {"state": "PRUNED", "duration_s": t.user_attrs["seconds"], "fail_reason": ""},
+    )
+
+
+def test_objective_stops_surplus_and_duplicate_trials_before_training(monkeypatch):
+    monkeypatch.setattr(study, "ChildRun", _FakeRun)
+    _FakeRun.made = []
+
+    def train_fn(train_cfg, on_epoch):
+        raise AssertionError("no training for a trial stopped as bookkeeping")
+
+    s = optuna.create_study(direction="maximize")
+    for _ in range(3):
+        _add(s, TrialState.COMPLETE)
+    objective = study.make_objective(_objective_params(n_trials=3), _cpu(), "p", train_fn)
+    with pytest.raises(study.TrialFailed, match=r"^surplus: the study already has search\.n_"):
+        objective(s.ask())
+    assert s.trials[3].user_attrs["fail_reason"] == "surplus"
+
+    s = optuna.create_study(direction="maximize")
+    _add(s, TrialState.COMPLETE, source="params.yaml")
+    objective = study.make_objective(_objective_params(n_trials=3), _cpu(), "p", train_fn)
+    trial = s.ask()
+    trial.set_user_attr("source", "params.yaml")
+    with pytest.raises(study.TrialFailed, match="^duplicate: the params.yaml trial was enqueued"):
+        objective(trial)
+    assert s.trials[1].user_attrs["fail_reason"] == "duplicate: params.yaml trial 0"
+    assert _FakeRun.made == []
+
+
+def test_objective_tags_a_heartbeat_retry_with_the_trial_it_reruns(monkeypatch):
+    monkeypatch.setattr(study, "ChildRun", _FakeRun)
+    _FakeRun.made = []
+    s = optuna.create_study(direction="maximize")
+    trial = s.ask()
+    s._storage.set_trial_system_attr(trial._trial_id, "failed_trial", 4)
+    objective = study.make_objective(_objective_params(), _cpu(), "p", lambda c, e: _fit(0.5))
+    assert objective(trial) == 0.5
+    assert _FakeRun.made[0].tags["retry_of_trial"] == 4
+
+
+def test_reconcile_fails_the_runs_of_trials_whose_worker_died(monkeypatch):
+    ended = []
+
+    def end_stale_run(params, run_id, tags):
+        ended.append((run_id, tags))
+        return 1
+
+    monkeypatch.setattr(study, "end_stale_run", end_stale_run)
+    s = optuna.create_study()
+    _add(s, mlflow_run_id="dead-1")  # FAIL without a reason: its worker died
+    _add(s, mlflow_run_id="failed", fail_reason="loss is nan")  # the objective closed it
+    _add(s)  # no run
+    _add(s, TrialState.COMPLETE, mlflow_run_id="done")
+    _add(s, TrialState.PRUNED, mlflow_run_id="pruned")
+    _add(s, mlflow_run_id="dead-2")
+    params = parse_params({})
+    assert study.reconcile_stale_runs(params, s) == 2
+    tags = {"state": "FAIL", "fail_reason": "worker died (no heartbeat)"}
+    assert ended == [("dead-1", tags), ("dead-2", tags)]
+
+
+def test_fail_stale_trials_runs_optuna_quietly(monkeypatch):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # fail_stale_trials is experimental: it warns
+        study._fail_stale_trials(optuna.create_study())
+    called = []
+    monkeypatch.setattr(optuna.storages, "fail_stale_trials", called.append)
+    s = optuna.create_study()
+    study._fail_stale_trials(s)
+    assert called == [s]
+
+
+def test_run_worker_runs_until_n_trials_finished_and_goes_on_after_failures():
+    s = optuna.create_study(direction="maximize")
+    calls = []
+
+    def objective(trial):
+        calls.append(trial.number)
+        if trial.number == 1:
+            raise study.TrialFailed("nan")
+        if trial.number == 2:
+            raise optuna.TrialPruned()
+        return 0.5
+
+    progress = []
+    study.run_worker(s, objective, 3, None, progress.append)
+    assert calls == [0, 1, 2, 3]
+    assert [t.state for t in s.trials] == [
+        TrialState.COMPLETE,
+        TrialState.FAIL,
+        TrialState.PRUNED,
+        TrialState.COMPLETE,
+    ]
+    assert [c["finished"] for c in progress] == [0, 1, 1, 2, 3]
+    assert progress[-1] == {"finished": 3, "running": 0, "waiting": 0}
+    study.run_worker(s, objective, 3, None)  # already finished: starts nothing
+    assert len(s.trials) == 4
+
+
+def test_run_worker_starts_no_trial_after_the_deadline():
+    s = optuna.create_study()
+    progress = []
+    study.run_worker(s, lambda t: 0.5, 3, time.time() - 1, progress.append)
+    assert s.trials == [] and progress == [{"finished": 0, "running": 0, "waiting": 0}]
+    study.run_worker(s, lambda t: 0.5, 1, time.time() + 600)
+    assert len(s.trials) == 1
+
+
+def test_run_worker_waits_for_other_workers_running_trials(capsys):
+    s = optuna.create_study()
+    _add(s, TrialState.COMPLETE)
+    other = s.ask()  # another worker's trial, still running
+    progress = []
+
+    def on_progress(c):
+        progress.append(c)
+        if len(progress) == 2:  # after two rounds of waiting
+            s.tell(other, 0.7)  # the other worker finishes it
+
+    study.run_worker(s, lambda t: 0.5, 2, None, on_progress)
+    assert len(s.trials) == 2  # started none itself
+    assert [c["running"] for c in progress] == [1, 1, 0]
+    err = capsys.readouterr().err
+    assert err.count("search: waiting for 1 running trial(s) of other workers") == 1
+    assert "(a dead worker's trial is retried after 10 s)" in err
+
+
+def test_run_worker_runs_a_queued_trial_even_when_enough_are_running():
+    s = optuna.create_study()
+    _add(s, TrialState.COMPLETE)
+    other = s.ask()
+    s.enqueue_trial({"lr": 0.1})  # e.g. a dead worker's trial re-queued by the heartbeat
+    ran = []
+
+    def objective(trial):
+        ran.append(trial.number)
+        s.tell(other, 0.1)
+        return 0.5
+
+    study.run_worker(s, objective, 2, None)
+    assert ran == [2]
+
+
+def _search_study():
+    s = optuna.create_study(direction="maximize")
+    params = {"lr": 0.02, "batch_size": 64, "weight_decay": 1e-3}
+    dists = {
+        "lr": optuna.distributions.FloatDistribution(0.01, 0.1, log=True),
+        "batch_size": optuna.distributions.CategoricalDistribution([32, 64]),
+        "weight_decay": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True),
+    }
+
+    def add(state, value=None, steps=0, **attrs):
+        s.add_trial(
+            optuna.trial.create_trial(
+                state=state,
+                value=value,
+                params=params,
+                distributions=dists,
+                user_attrs=attrs,
+                intermediate_values={i + 1: 0.1 for i in range(steps)},
+            )
+        )
+
+    add(TrialState.COMPLETE, 0.8, 4, epochs_run=4, seconds=2.5, worker=0)  # 0
+    add(TrialState.PRUNED, None, 1, epochs_run=1, seconds=0.5, worker=1)  # 1
+    add(TrialState.COMPLETE, 0.9, 4, epochs_run=4, seconds=2.0, worker=1)  # 2
+    add(TrialState.FAIL, None, 2, epochs_run=2, fail_reason="loss is nan at epoch 2")  # 3
+    add(TrialState.FAIL, None, 0, epochs_run=0, fail_reason="surplus")  # 4
+    add(TrialState.FAIL, None, 0, epochs_run=0, fail_reason="duplicate: params.yaml trial 0")
+    add(TrialState.PRUNED, None, 2)  # 6: no epochs_run recorded (an older trial): its reports
+    return s
+
+
+def test_trial_rows_one_per_trial_with_params_and_bookkeeping():
+    rows = search.trial_rows(_search_study())
+    assert rows[0] == {
+        "number": 0,
+        "state": "COMPLETE",
+        "lr": 0.02,
+        "batch_size": 64,
+        "weight_decay": 1e-3,
+        "value": 0.8,
+        "epochs_run": 4,
+        "seconds": 2.5,
+        "worker": 0,
+        "fail_reason": "",
+    }
+    assert [r["number"] for r in rows] == list(range(7))
+    assert [r["state"] for r in rows][1:4] == ["PRUNED", "COMPLETE", "FAIL"]
+    assert rows[3]["fail_reason"] == "loss is nan at epoch 2" and rows[3]["value"] is None
+    assert rows[6]["epochs_run"] == 2  # from its reported epochs
+    assert (rows[6]["seconds"], rows[6]["worker"], rows[6]["fail_reason"]) == (None, None, "")
+
+
+def test_summarize_counts_real_trials_and_the_epochs_pruning_saved(tiny_params):
+    s = _search_study()
+    params = parse_params({"search": {"epochs": 4}})
+    summary = search.summarize(params, s, search.trial_rows(s))
+    assert summary == {
+        "study_name": s.study_name,
+        "best_trial_val_accuracy": 0.9,
+        "best_trial": 2,
+        "n_complete": 2,
+        "n_pruned": 2,
+        "n_failed": 1,  # surplus and duplicate trials are bookkeeping, not failures
+        "epochs_spent": 4 + 1 + 4 + 2 + 2,
+        "epochs_saved_by_pruning": (4 - 1) + (4 - 2),
+        "epochs_without_pruning": 4 * 4,  # complete + pruned trials at full length
+    }
+
+
+def test_summarize_rounds_the_best_value_to_6_digits():
+    s = optuna.create_study(direction="maximize")
+    s.add_trial(optuna.trial.create_trial(value=0.123456789))
+    summary = search.summarize(parse_params({}), s, search.trial_rows(s))
+    assert summary["best_trial_val_accuracy"] == 0.123457
+
+
+def test_worker_threads_split_this_process_cpus(monkeypatch):
+    monkeypatch.setattr(search.os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    monkeypatch.setattr(search.os, "cpu_count", lambda: 64)
+    assert [search._worker_threads(w) for w in (1, 2, 3, 8, 9)] == [8, 4, 2, 1, 1]
+    monkeypatch.delattr(search.os, "sched_getaffinity", raising=False)
+    assert search._worker_threads(4) == 16  # no affinity: every CPU
+    monkeypatch.setattr(search.os, "cpu_count", lambda: None)
+    assert search._worker_threads(1) == 1 and search._worker_threads(2) == 1
+
+
+def _labels(counts):
+    from types import SimpleNamespace
+
+    y = torch.cat([torch.full((n,), c) for c, n in enumerate(counts)])
+    return SimpleNamespace(y={"val": y})
+
+
+def test_check_above_chance_uses_the_majority_class_and_the_wilson_bound():
+    data = _labels([60, 20, 20])  # chance: 0.6 on 100 images
+    params = parse_params({"search": {"epochs": 7, "space": {"lr": [0.001, 0.01]}}})
+    # 100 images: the 95 % Wilson lower bound of 70 / 100 is 0.604, of 69 / 100 0.594
+    search.check_above_chance(0.70, data, params)
+    search.check_above_chance(0.696, data, params)  # rounds to 70 hits
+    with pytest.raises(StageFailed) as info:
+        search.check_above_chance(0.69, data, params)
+    assert str(info.value) == (
+        "search: every trial is at chance level (best val accuracy 0.6900 on 100 images, "
+        "chance 0.6000); nothing was learnt: check search.space.lr [0.001, 0.01] and "
+        "search.epochs (7)"
+    )
+    search.check_above_chance(0.2, _labels([5, 5, 5, 5, 5, 5, 5, 5, 5, 5]), params)
+
+
+class _Predicts(torch.nn.Module):
+    """Predicts the class one-hot encoded in its half of the input (`view` 0 or 1)."""
+
+    def __init__(self, k, view):
+        super().__init__()
+        self.k, self.view = k, view
+
+    def forward(self, x):
+        return x[:, self.view * self.k : (self.view + 1) * self.k]
+
+
+def _shipped(view, k=4):
+    return search.Shipped(f"view-{view}", _Predicts(k, view), {}, parse_params({}), {})
+
+
+def _predictions_data(first_wrong, second_wrong, n=200, k=4):
+    """val data on which model view 0 misses `first_wrong` images, view 1 `second_wrong`."""
+    from types import SimpleNamespace
+
+    y = torch.arange(n) % k
+    first, second = y.clone(), y.clone()
+    first[:first_wrong] = (y[:first_wrong] + 1) % k
+    second[n - second_wrong :] = (y[n - second_wrong :] + 1) % k
+    x = torch.cat([torch.eye(k)[first], torch.eye(k)[second]], dim=1)
+    return SimpleNamespace(device=torch.device("cpu"), x={"val": x}, y={"val": y})
+
+
+def test_choose_tuned_keeps_the_winner_unless_the_baseline_is_clearly_better():
+    winner, baseline = _shipped(0), _shipped(1)
+    data = _predictions_data(0, 0)
+    assert search.choose_tuned(winner, None, data) == (winner, None)
+    chosen, difference = search.choose_tuned(winner, baseline, data)  # equal: [0, 0]
+    assert chosen is winner and (difference.difference, difference.high) == (0.0, 0.0)
+    chosen, difference = search.choose_tuned(winner, baseline, _predictions_data(0, 50))
+    assert chosen is winner and difference.difference == 0.25 and difference.n_images == 200
+    # baseline better by 3 images of 200: within the noise (interval reaches 0), winner stays
+    chosen, difference = search.choose_tuned(winner, baseline, _predictions_data(3, 0))
+    assert chosen is winner and difference.difference == -0.015 and difference.high >= 0
+    # better by 40 images: beyond the noise, the baseline ships
+    chosen, difference = search.choose_tuned(winner, baseline, _predictions_data(40, 0))
+    assert chosen is baseline and difference.difference == -0.2 and difference.high < 0
