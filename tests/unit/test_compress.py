@@ -416,3 +416,109 @@ def test_missing_tuned_checkpoint_exits_2_naming_the_file(tmp_path, monkeypatch,
         compress.main([])
     assert exit_info.value.code == 2
     assert "models/tuned.pt: not found; run the search stage" in capsys.readouterr().err
+
+
+# ---- fast tests of the decisions: the guard, the ratio search, the attempts note
+
+
+def test_judge_states_the_loss_and_the_budget_in_points():
+    lost = _difference(0, 3)
+    accepted, reason = compress.judge(lost, 0.01)
+    assert (accepted, reason) == (
+        False,
+        f"loses 1.11 points (val {lost.describe()} vs tuned); "
+        "compress.max_accuracy_drop allows 1.00",
+    )
+    kept = _difference(0, 2)
+    assert compress.judge(kept, 0.015) == (
+        True,
+        f"within budget (val {kept.describe()} vs tuned; max drop 1.50 points)",
+    )
+
+
+def test_judge_allows_a_loss_of_exactly_the_budget_despite_rounding():
+    exact = _difference(0, 1, n=100)  # one image of 100: -0.01, as floats make it
+    assert compress.judge(exact, 0.01)[0] is True
+    assert compress.judge(_difference(0, 2, n=100), 0.01)[0] is False
+    assert compress.judge(_difference(0, 1, n=100), 0.0099999)[0] is False
+
+
+def _note_attempt(ratio, accuracy, within):
+    return compress.PruneAttempt(ratio, accuracy, _difference(0, 0), 100, 10, within, "ok")
+
+
+def test_attempts_note_says_whether_the_ratio_backed_off_or_none_was_within_budget():
+    first, second = _note_attempt(0.8, 0.5, False), _note_attempt(0.4, 0.91234, True)
+    kept = _note_attempt(0.5, 0.9, True)
+    assert compress._attempts_note(kept, [kept]) == ""  # the requested ratio: nothing to say
+    assert compress._attempts_note(second, [first, second]) == (
+        "; backed off to ratio 0.4 (0.8 -> val 0.5000, 0.4 -> val 0.9123)"
+    )
+    third = _note_attempt(0.2, 0.7, False)
+    assert compress._attempts_note(third, [first, third]) == (
+        "; no pruning ratio tried was within budget (0.8 -> val 0.5000, 0.2 -> val 0.7000)"
+    )
+    only = _note_attempt(0.5, 0.6, False)
+    assert compress._attempts_note(only, [only]) == (
+        "; no pruning ratio tried was within budget (0.5 -> val 0.6000)"
+    )
+
+
+def test_backoff_midpoints_are_rounded_to_6_digits_and_ties_keep_the_smaller_ratio():
+    chosen, tried = compress.search_ratio(0.3, 3, _attempt(0.0))
+    assert [a.ratio for a in tried] == [0.3, 0.15, 0.075, 0.0375]
+    chosen, tried = compress.search_ratio(0.7, 2, _attempt(0.0))
+    assert [a.ratio for a in tried] == [0.7, 0.35, 0.175]
+    assert compress.search_ratio(1 / 3, 1, _attempt(0.0))[1][1].ratio == 0.166667
+
+    def flat(ratio):  # every ratio equally accurate, none within budget
+        return compress.PruneAttempt(ratio, 0.8, _difference(0, 0), 100, 10, False, "ok")
+
+    chosen, tried = compress.search_ratio(0.8, 2, flat)
+    assert chosen.ratio == 0.2  # the least pruning among equals
+
+
+def test_backoff_keeps_the_last_midpoint_within_budget_and_climbs_from_it():
+    chosen, tried = compress.search_ratio(0.8, 3, _attempt(0.65))
+    assert [a.ratio for a in tried] == [0.8, 0.4, 0.6, 0.7]
+    assert chosen.ratio == 0.6 and chosen is tried[2]
+
+
+def test_reused_attempt_keeps_the_first_attempt_and_its_model():
+    model = object()
+    first = compress.PruneAttempt(0.5, 0.9, _difference(0, 0), 100, 10, True, "ok", 3.0)
+    first.model = model
+    calls = []
+
+    def attempt(ratio):
+        calls.append(ratio)
+        return first
+
+    cached = compress.reuse_equal_widths(attempt, {0.5: "8", 0.45: "8", 0.4: "8"}.get)
+    assert cached(0.5) is first
+    again = cached(0.45)
+    third = cached(0.4)
+    assert calls == [0.5]
+    assert (again.ratio, again.same_widths_as, again.finetune_seconds) == (0.45, 0.5, 0.0)
+    assert (third.ratio, third.same_widths_as) == (0.4, 0.5)  # the first one tried, not 0.45
+    assert again.model is model and again.val_accuracy == 0.9 and again.within_budget
+    assert first.ratio == 0.5 and first.finetune_seconds == 3.0  # the original is unchanged
+
+
+def test_resolve_params_keeps_this_runs_seed_device_tracking_and_compress_only():
+    here = parse_params(
+        {
+            "seed": 3,
+            "device": "cpu",
+            "tracking": {"enabled": False, "experiment": "here"},
+            "compress": {"prune_ratio": 0.25},
+            "export": {"latency_runs": 7},
+            "model": {"widths": [8]},
+        }
+    )
+    tuned = parse_params({"seed": 0, "device": "auto", "model": {"widths": [16, 32]}})
+    resolved = compress.resolve_params({"config": tuned.to_dict()}, here)
+    assert (resolved.seed, resolved.device, resolved.tracking) == (3, "cpu", here.tracking)
+    assert resolved.compress == here.compress
+    assert resolved.model == tuned.model and resolved.export == tuned.export
+    assert resolved.data == tuned.data and resolved.search == tuned.search
