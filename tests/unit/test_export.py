@@ -300,3 +300,158 @@ def test_with_tracking_off_the_stage_exports_without_mlflow(project, tmp_path, m
         assert sha256_file(entry["path"]) == entry["sha256"]
         assert onnx_tools.read_metadata(entry["path"])["source_run"] == "untracked"
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlruns").exists()
+
+
+# ---- fast tests of the decisions: which parity failures stop the stage, accepted, recommended
+
+
+def _variant(precision="int8", compress_accepted=True, passed=True, latency=None):
+    spec = export.VariantSpec("v", paths.PRUNED_INT8_ONNX, paths.PRUNED_CKPT, precision)
+    keys = ("latency_ms_p50_b1", "latency_ms_p95_b1", "throughput_b8")
+    latency = latency or {"CPUExecutionProvider": dict(zip(keys, (1.5, 2.5, 900.0), strict=True))}
+    entry = {
+        "name": "v",
+        "val_accuracy": 0.9,
+        "params": 1000,
+        "macs": 20000,
+        "compress_accepted": compress_accepted,
+        "compress_reason": "within budget (val +0.00 points)",
+        "parity": {
+            "passed": passed,
+            "max_abs_diff": 0.25,
+            "top1_agreement": 0.995,
+            "criterion": "top-1 agreement >= 0.99",
+        },
+        "latency": latency,
+    }
+    return export.ExportedVariant(spec, onnx.ModelProto(), entry, np.zeros((7, 10), np.float32))
+
+
+def test_must_agree_for_fp32_exports_and_accepted_variants_only():
+    assert export.must_agree(_variant("fp32", compress_accepted=False)) is True
+    assert export.must_agree(_variant("fp32", compress_accepted=True)) is True
+    assert export.must_agree(_variant("int8", compress_accepted=True)) is True
+    assert export.must_agree(_variant("fp16", compress_accepted=False)) is False
+
+
+def test_finish_variant_takes_the_cpu_numbers_without_a_gpu_and_writes_the_metadata():
+    variant = _variant()
+    export.finish_variant(variant, [], 8)
+    entry = variant.entry
+    assert entry["provider"] == "CPUExecutionProvider"
+    assert (entry["latency_ms_p50_b1"], entry["latency_ms_p95_b1"]) == (1.5, 2.5)
+    assert entry["throughput_b8"] == 900.0
+    assert entry["accepted"] is True
+    assert entry["reason"] == "within budget (val +0.00 points)"
+    meta = onnx_tools.read_metadata(variant.proto)
+    assert json.loads(meta["accepted"]) is True
+    assert {k: json.loads(meta[k]) for k in ("val_accuracy", "val_images", "params", "macs")} == {
+        "val_accuracy": 0.9,
+        "val_images": 7,
+        "params": 1000,
+        "macs": 20000,
+    }
+    assert json.loads(meta["parity"]) == {
+        "passed": True,
+        "max_abs_diff": 0.25,
+        "top1_agreement": 0.995,
+    }
+    assert entry["size_bytes"] == variant.proto.ByteSize() > 0
+
+
+def test_finish_variant_prefers_the_first_gpu_provider_that_ran_it():
+    cpu = {"latency_ms_p50_b1": 2.0, "latency_ms_p95_b1": 3.0, "throughput_b4": 100.0}
+    cuda = {"latency_ms_p50_b1": 0.5, "latency_ms_p95_b1": 0.7, "throughput_b4": 5000.0}
+    trt = {"latency_ms_p50_b1": 0.3, "latency_ms_p95_b1": 0.4, "throughput_b4": 9000.0}
+    latency = {"CPUExecutionProvider": cpu, "CUDAExecutionProvider": cuda}
+    variant = _variant(latency=latency)
+    export.finish_variant(variant, ["TensorrtExecutionProvider", "CUDAExecutionProvider"], 4)
+    assert variant.entry["provider"] == "CUDAExecutionProvider"  # TensorRT did not run it
+    assert variant.entry["latency_ms_p50_b1"] == 0.5 and variant.entry["throughput_b4"] == 5000.0
+    latency["TensorrtExecutionProvider"] = trt
+    variant = _variant(latency=latency)
+    export.finish_variant(variant, ["TensorrtExecutionProvider", "CUDAExecutionProvider"], 4)
+    assert variant.entry["provider"] == "TensorrtExecutionProvider"
+    assert variant.entry["latency_ms_p95_b1"] == 0.4
+
+
+def test_finish_variant_rejects_an_accepted_variant_that_failed_parity():
+    variant = _variant(compress_accepted=True, passed=False)
+    export.finish_variant(variant, [], 8)
+    assert variant.entry["accepted"] is False
+    assert variant.entry["reason"] == "failed the parity check"
+    assert json.loads(onnx_tools.read_metadata(variant.proto)["accepted"]) is False
+    rejected = _variant(compress_accepted=False, passed=False)  # keeps compress's reason
+    rejected.entry["compress_reason"] = "loses 3.00 points"
+    export.finish_variant(rejected, [], 8)
+    assert (rejected.entry["accepted"], rejected.entry["reason"]) == (False, "loses 3.00 points")
+    passed = _variant(compress_accepted=False, passed=True)
+    export.finish_variant(passed, [], 8)
+    assert passed.entry["accepted"] is False
+    assert passed.entry["reason"] == "within budget (val +0.00 points)"
+
+
+def _entry(name, p50, size, accepted=True):
+    return {"name": name, "latency_ms_p50_b1": p50, "size_bytes": size, "accepted": accepted}
+
+
+def test_recommend_tie_is_5_percent_of_the_fastest_and_equal_sizes_go_to_the_faster():
+    # 1.05 is exactly 5 % slower than 1.0 (a tie); 1.06 is not
+    assert export.recommend([_entry("fast", 1.0, 100), _entry("small", 1.05, 50)]) == "small"
+    assert export.recommend([_entry("fast", 1.0, 100), _entry("small", 1.06, 50)]) == "fast"
+    assert export.recommend([_entry("a", 1.02, 80), _entry("b", 1.0, 80)]) == "b"
+    assert export.recommend([_entry("b", 1.0, 80), _entry("a", 1.02, 80)]) == "b"
+    assert export.recommend([_entry("only", 3.0, 10)]) == "only"
+
+
+def test_recommend_without_an_accepted_variant_points_at_the_reasons():
+    with pytest.raises(StageFailed) as info:
+        export.recommend([_entry("fp32", 1.0, 1, False), _entry("int8", 0.5, 1, False)])
+    assert str(info.value) == (
+        f"no variant is accepted; see {export.COMPRESS_METRICS} and the parity checks"
+    )
+
+
+def test_check_parity_reports_the_criterion_and_the_disagreeing_images():
+    cfg = ExportConfig(parity_atol=0.5, min_top1_agreement=0.75)
+    reference = np.tile(np.array([[0.0, 1.0, 2.0]], np.float32), (12, 1))
+    logits = reference.copy()
+    logits[[2, 5, 9], 0] = 3.0  # top-1 flips to class 0 on three of twelve: agreement 0.75
+    logits[4, 1] = 1.4  # within the tolerance
+    result = check_parity("int8", logits, reference, cfg, "pruned.pt")
+    assert result == {
+        "passed": True,  # exactly the minimum agreement passes
+        "reference": "PyTorch pruned.pt",
+        "criterion": "top-1 agreement >= 0.75",
+        "max_abs_diff": 3.0,
+        "top1_agreement": 0.75,
+        "disagreeing": 3,
+        "disagreeing_images": [2, 5, 9],
+    }
+    result = check_parity("fp32", logits, reference, cfg, "tuned.pt")
+    assert (result["passed"], result["criterion"]) == (False, "max |logit diff| <= 0.5")
+    assert result["disagreeing"] == 3 and result["disagreeing_images"] == [2, 5, 9]
+    exact = reference.copy()
+    exact[:, 2] += 0.5  # every logit exactly at the tolerance: passes
+    assert check_parity("fp32", exact, reference, cfg, "t")["passed"] is True
+    assert check_parity("fp32", exact, reference, cfg, "t")["disagreeing"] == 0
+    strict = ExportConfig(parity_atol=0.5, min_top1_agreement=0.76)
+    assert check_parity("fp16", logits, reference, strict, "p")["passed"] is False
+
+
+def test_check_parity_lists_the_first_ten_disagreeing_images_and_rounds_agreement():
+    reference = np.tile(np.array([[0.0, 1.0]], np.float32), (30, 1))
+    logits = reference.copy()
+    logits[1::2, 0] = 2.0  # 15 of 30 flip
+    logits[0, 0] = 0.1234567
+    result = check_parity("int8", logits, reference, ExportConfig(), "p")
+    assert result["disagreeing"] == 15 and result["disagreeing_images"] == list(range(1, 21, 2))
+    assert result["top1_agreement"] == 0.5 and result["passed"] is False
+    logits = reference.copy()
+    logits[:1, 0] = 2.0  # 1 of 30 flips: 0.966666..., rounded to 6 digits
+    assert check_parity("int8", logits, reference, ExportConfig(), "p")["top1_agreement"] == (
+        0.966667
+    )
+    result = check_parity("fp32", reference + 1e-5, reference, ExportConfig(), "p")
+    assert isinstance(result["max_abs_diff"], float) and result["max_abs_diff"] < 2e-5
+    assert result["passed"] is True and type(result["passed"]) is bool
