@@ -155,7 +155,7 @@ def test_unchanged_space_resumes_and_more_trials_runs_only_the_missing(
     assert study_name(params, sha) == study_name(more, sha)
     other = _params(tmp_path, tiny_params, space={"lr": [0.01, 0.1]})
     assert study_name(other, sha) != study_name(params, sha)
-    eager = _params(tmp_path, tiny_params, reduction_factor=2)
+    eager = _params(tmp_path, tiny_params, reduction_factor=3)
     assert study_name(eager, sha) != study_name(_params(tmp_path, tiny_params), sha)
 
 
