@@ -614,6 +614,9 @@ def test_make_sampler_seeds_from_seed_worker_trial_count_and_host(tiny_params):
         optuna.samplers.RandomSampler(seed=study.sampler_seed(0, 1, 4, "h"))
     )
     assert tpe._multivariate is True and tpe._n_startup_trials == 3
+    plain = study.make_sampler(params, host="h")  # worker 0 of a new study
+    reference = optuna.samplers.RandomSampler(seed=study.sampler_seed(5, 0, 0, "h"))
+    assert _draws(plain) == _draws(reference)
 
 
 def test_make_sampler_options_are_seeded_and_quiet(tiny_params):
@@ -644,12 +647,12 @@ def test_median_pruner_waits_for_min_epochs_and_five_trials(tmp_path, tiny_param
 
 
 def test_load_study_creates_then_resumes_with_a_trial_count_seed(tmp_path, tiny_params):
-    params = _params(tmp_path, tiny_params, sampler="random", pruner="median")
+    params = _params(tmp_path, tiny_params, sampler="random", pruner="successive_halving")
     optuna.logging.set_verbosity(optuna.logging.INFO)
     first = study.load_study(params, "s", worker=3)
     assert optuna.logging.get_verbosity() == optuna.logging.WARNING
     assert first.direction == optuna.study.StudyDirection.MAXIMIZE
-    assert type(first.pruner) is optuna.pruners.MedianPruner
+    assert type(first.pruner) is optuna.pruners.SuccessiveHalvingPruner  # not Optuna's default
     host = study.socket.gethostname()
     expected = optuna.samplers.RandomSampler(seed=study.sampler_seed(0, 3, 0, host))
     assert _draws(first.sampler) == _draws(expected)
@@ -659,6 +662,9 @@ def test_load_study_creates_then_resumes_with_a_trial_count_seed(tmp_path, tiny_
     assert again._study_id == first._study_id and len(again.trials) == 2
     expected = optuna.samplers.RandomSampler(seed=study.sampler_seed(0, 3, 2, host))
     assert _draws(again.sampler) == _draws(expected)
+    worker_0 = study.load_study(params, "s")  # the main process: worker 0
+    expected = optuna.samplers.RandomSampler(seed=study.sampler_seed(0, 0, 2, host))
+    assert _draws(worker_0.sampler) == _draws(expected)
 
 
 def test_load_study_turns_a_storage_error_into_a_config_error(tmp_path, tiny_params, monkeypatch):
@@ -804,7 +810,7 @@ class _FakeRun:
     made: list = []
 
     def __init__(self, params, parent_run_id, name, tags):
-        self.parent, self.name, self.tags = parent_run_id, name, tags
+        self.config, self.parent, self.name, self.tags = params, parent_run_id, name, tags
         self.run_id = f"run-{name}"
         self.params, self.metrics, self.finished = None, [], None
         _FakeRun.made.append(self)
@@ -859,7 +865,7 @@ def test_objective_trains_the_suggested_config_and_returns_its_last_epoch(monkey
     assert t.user_attrs["epochs_run"] == 2 and "fail_reason" not in t.user_attrs
     assert 0 <= t.user_attrs["seconds"] < 60
     (run,) = _FakeRun.made
-    assert (run.parent, run.name) == ("parent-1", "trial-000")
+    assert (run.config, run.parent, run.name) == (params, "parent-1", "trial-000")
     assert run.tags == {
         "trial_number": 0,
         "state": "RUNNING",
@@ -877,6 +883,29 @@ def test_objective_trains_the_suggested_config_and_returns_its_last_epoch(monkey
     status, tags = run.finished
     assert status == "FINISHED"
     assert tags == {"state": "COMPLETE", "duration_s": t.user_attrs["seconds"], "fail_reason": ""}
+
+
+def test_objective_records_the_trial_seconds_to_the_millisecond(monkeypatch):
+    from types import SimpleNamespace
+
+    clock = iter([10.0, 12.3456789])
+    monkeypatch.setattr(study, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
+    s = optuna.create_study(direction="maximize")
+    objective = study.make_objective(_objective_params(), _cpu(), None, lambda c, e: _fit(0.6))
+    objective(s.ask())
+    assert s.trials[0].user_attrs["seconds"] == 2.346
+
+
+def test_objective_out_of_memory_names_the_batch_size_in_its_error():
+    def out_of_memory(train_cfg, on_epoch):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    s = optuna.create_study(direction="maximize")
+    s.enqueue_trial({"lr": 0.02, "batch_size": 64, "weight_decay": 5e-3})
+    objective = study.make_objective(_objective_params(), _cpu(), None, out_of_memory)
+    with pytest.raises(study.TrialFailed, match="^out of GPU memory at batch_size=64$") as info:
+        objective(s.ask())
+    assert info.value.__cause__ is None
 
 
 def dataclasses_replace_rest(cfg, train) -> bool:
@@ -991,7 +1020,10 @@ def test_objective_tags_a_heartbeat_retry_with_the_trial_it_reruns(monkeypatch):
 def test_reconcile_fails_the_runs_of_trials_whose_worker_died(monkeypatch):
     ended = []
 
-    def end_stale_run(params, run_id, tags):
+    params = parse_params({})
+
+    def end_stale_run(config, run_id, tags):
+        assert config is params
         ended.append((run_id, tags))
         return 1
 
@@ -1003,7 +1035,6 @@ def test_reconcile_fails_the_runs_of_trials_whose_worker_died(monkeypatch):
     _add(s, TrialState.COMPLETE, mlflow_run_id="done")
     _add(s, TrialState.PRUNED, mlflow_run_id="pruned")
     _add(s, mlflow_run_id="dead-2")
-    params = parse_params({})
     assert study.reconcile_stale_runs(params, s) == 2
     tags = {"state": "FAIL", "fail_reason": "worker died (no heartbeat)"}
     assert ended == [("dead-1", tags), ("dead-2", tags)]
@@ -1058,7 +1089,20 @@ def test_run_worker_starts_no_trial_after_the_deadline():
     assert len(s.trials) == 1
 
 
-def test_run_worker_waits_for_other_workers_running_trials(capsys):
+def test_run_worker_still_starts_a_trial_at_the_deadline_itself(monkeypatch):
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(study, "time", SimpleNamespace(time=lambda: 100.0))
+    s = optuna.create_study()
+    study.run_worker(s, lambda t: 0.5, 1, 100.0)  # not past it yet
+    assert len(s.trials) == 1
+
+
+def test_run_worker_waits_for_other_workers_running_trials(capsys, monkeypatch):
+    from types import SimpleNamespace
+
+    sleeps = []
+    monkeypatch.setattr(study, "time", SimpleNamespace(time=time.time, sleep=sleeps.append))
     s = optuna.create_study()
     _add(s, TrialState.COMPLETE)
     other = s.ask()  # another worker's trial, still running
@@ -1072,6 +1116,7 @@ def test_run_worker_waits_for_other_workers_running_trials(capsys):
     study.run_worker(s, lambda t: 0.5, 2, None, on_progress)
     assert len(s.trials) == 2  # started none itself
     assert [c["running"] for c in progress] == [1, 1, 0]
+    assert sleeps == [0.5, 0.5]
     err = capsys.readouterr().err
     assert err.count("search: waiting for 1 running trial(s) of other workers") == 1
     assert "(a dead worker's trial is retried after 10 s)" in err
@@ -1117,7 +1162,7 @@ def _search_study():
     add(TrialState.COMPLETE, 0.8, 4, epochs_run=4, seconds=2.5, worker=0)  # 0
     add(TrialState.PRUNED, None, 1, epochs_run=1, seconds=0.5, worker=1)  # 1
     add(TrialState.COMPLETE, 0.9, 4, epochs_run=4, seconds=2.0, worker=1)  # 2
-    add(TrialState.FAIL, None, 2, epochs_run=2, fail_reason="loss is nan at epoch 2")  # 3
+    add(TrialState.FAIL, None, 1, epochs_run=2, fail_reason="loss is nan at epoch 2")  # 3
     add(TrialState.FAIL, None, 0, epochs_run=0, fail_reason="surplus")  # 4
     add(TrialState.FAIL, None, 0, epochs_run=0, fail_reason="duplicate: params.yaml trial 0")
     add(TrialState.PRUNED, None, 2)  # 6: no epochs_run recorded (an older trial): its reports
@@ -1141,6 +1186,7 @@ def test_trial_rows_one_per_trial_with_params_and_bookkeeping():
     assert [r["number"] for r in rows] == list(range(7))
     assert [r["state"] for r in rows][1:4] == ["PRUNED", "COMPLETE", "FAIL"]
     assert rows[3]["fail_reason"] == "loss is nan at epoch 2" and rows[3]["value"] is None
+    assert rows[3]["epochs_run"] == 2  # recorded: it diverged in epoch 2, after 1 report
     assert rows[6]["epochs_run"] == 2  # from its reported epochs
     assert (rows[6]["seconds"], rows[6]["worker"], rows[6]["fail_reason"]) == (None, None, "")
 
@@ -1200,6 +1246,14 @@ def test_check_above_chance_uses_the_majority_class_and_the_wilson_bound():
         "search.epochs (7)"
     )
     search.check_above_chance(0.2, _labels([5, 5, 5, 5, 5, 5, 5, 5, 5, 5]), params)
+
+
+def test_check_above_chance_fails_when_the_bound_only_reaches_chance(monkeypatch):
+    monkeypatch.setattr(search, "accuracy_interval", lambda correct: (0.6, 0.8))
+    with pytest.raises(StageFailed):
+        search.check_above_chance(0.7, _labels([60, 40]), parse_params({}))
+    monkeypatch.setattr(search, "accuracy_interval", lambda correct: (0.600001, 0.8))
+    search.check_above_chance(0.7, _labels([60, 40]), parse_params({}))
 
 
 class _Predicts(torch.nn.Module):
