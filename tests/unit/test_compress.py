@@ -436,6 +436,22 @@ def test_judge_states_the_loss_and_the_budget_in_points():
     )
 
 
+def test_judge_rejects_only_beyond_the_budget_plus_its_float_tolerance():
+    from types import SimpleNamespace
+
+    edge = SimpleNamespace(difference=-0.01 - 1e-9, describe=lambda: "d")
+    assert compress.judge(edge, 0.01)[0] is True
+    beyond = SimpleNamespace(difference=-0.01 - 2e-9, describe=lambda: "d")
+    assert compress.judge(beyond, 0.01)[0] is False
+
+
+def test_resolve_params_warns_at_its_caller(recwarn):
+    here = parse_params({})
+    compress.resolve_params({}, here)
+    (warning,) = recwarn.list
+    assert warning.filename == __file__
+
+
 def test_judge_allows_a_loss_of_exactly_the_budget_despite_rounding():
     exact = _difference(0, 1, n=100)  # one image of 100: -0.01, as floats make it
     assert compress.judge(exact, 0.01)[0] is True
