@@ -36,7 +36,16 @@ test-fast: $(STAMP)
 # its mutant names (globs) here. Minutes on 2 cores.
 MUTATION_TARGETS ?= pipeline.config.* pipeline.stats.* \
 	pipeline.inference.*preprocess__* pipeline.inference.*_to_pil__* \
-	pipeline.inference.*_as_list__* pipeline.inference.*_image_name__*
+	pipeline.inference.*_as_list__* pipeline.inference.*_image_name__* \
+	pipeline.study.* \
+	pipeline.search.x_summarize__* pipeline.search.x_check_above_chance__* \
+	pipeline.search.x_choose_tuned__* pipeline.search.x_trial_rows__* \
+	pipeline.search.x__worker_threads__* \
+	pipeline.compress.x_judge__* pipeline.compress.x_search_ratio__* \
+	pipeline.compress.x_reuse_equal_widths__* pipeline.compress.x_resolve_params__* \
+	pipeline.compress.x__attempts_note__* \
+	pipeline.export.x_must_agree__* pipeline.export.x_recommend__* \
+	pipeline.export.x_finish_variant__* pipeline.export_checks.x_check_parity__*
 QUOTED_TARGETS := $(foreach t,$(MUTATION_TARGETS),'$(t)')
 
 mutation: $(STAMP)
