@@ -2,6 +2,7 @@
 
     pipeline prepare | train | search | compress | export     (same as python -m pipeline.<stage>)
     pipeline predict MODEL.onnx IMAGE... [--top-k K] [--device auto|cpu|cuda] [--json]
+    pipeline --version;  pipeline <stage> --help (prints the stage's description, runs nothing)
 
 Stages read params.yaml in the working directory; hyperparameters are never flags.
 """
@@ -22,11 +23,21 @@ COMMANDS = {
 }
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("tune-compress-pipeline")
+    except PackageNotFoundError:  # run from a source tree that was not installed
+        return "unknown (not installed)"
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(
         prog="pipeline", description="Tune, compress and export PyTorch image classifiers."
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, help_text in COMMANDS.items():
         # Each command parses its own arguments (so `pipeline predict --help` is predict's).

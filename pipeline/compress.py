@@ -57,7 +57,7 @@ from pipeline.checkpoint import build_model, load_checkpoint, pruned_spec, save_
 from pipeline.config import CompressConfig, Params, load_params, parse_params
 from pipeline.data import DeviceData
 from pipeline.engine import EpochCallback, predict_logits
-from pipeline.errors import ConfigError, DataError, cli_entry
+from pipeline.errors import ConfigError, DataError, stage_entry
 from pipeline.io import write_json
 from pipeline.plots import compression_plot, write_csv
 from pipeline.pruning import count_macs_params, finetune_config, prune_and_finetune, pruned_widths
@@ -431,7 +431,7 @@ def log_outcome(tracker, outcome: CompressOutcome) -> None:
         tracker.log_artifact(variant.path, "onnx")
 
 
-@cli_entry
+@stage_entry
 def main(argv: list[str] | None = None) -> None:
     params = load_params(paths.PARAMS)
     if not paths.TUNED_CKPT.is_file():

@@ -51,7 +51,7 @@ from pipeline import onnx_tools, paths
 from pipeline.checkpoint import load_checkpoint
 from pipeline.config import Params, load_params
 from pipeline.data import DeviceData, load_prepared
-from pipeline.errors import DataError, StageFailed, cli_entry
+from pipeline.errors import DataError, StageFailed, stage_entry
 from pipeline.export_checks import (
     check_parity,
     failure_table,
@@ -434,7 +434,7 @@ def log_to_mlflow(tracker, result: ExportResult, params: Params) -> str | None:
     return version
 
 
-@cli_entry
+@stage_entry
 def main(argv: list[str] | None = None) -> None:
     params = load_params(paths.PARAMS)
     inputs = load_inputs()

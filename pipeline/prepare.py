@@ -12,7 +12,7 @@ import sys
 from pipeline import paths
 from pipeline.config import load_params
 from pipeline.data import Prepared, prepare, save_prepared
-from pipeline.errors import cli_entry
+from pipeline.errors import stage_entry
 
 
 def run(params) -> Prepared:
@@ -20,7 +20,7 @@ def run(params) -> Prepared:
     return prepare(params.data, params.seed)
 
 
-@cli_entry
+@stage_entry
 def main(argv: list[str] | None = None) -> None:
     params = load_params(paths.PARAMS)
     prepared = run(params)

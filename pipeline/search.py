@@ -42,7 +42,7 @@ from pipeline.checkpoint import load_checkpoint, save_checkpoint
 from pipeline.config import ConfigError, Params, load_params, parse_params
 from pipeline.data import DeviceData
 from pipeline.engine import fit, predict_logits
-from pipeline.errors import StageFailed, cli_entry
+from pipeline.errors import StageFailed, stage_entry
 from pipeline.io import write_json
 from pipeline.plots import search_plots, write_csv
 from pipeline.reporting import search_summary
@@ -330,7 +330,7 @@ def _save_outputs(params: Params, outcome: SearchOutcome, info: dict, tracker) -
         tracker.log_artifact(path, "search")
 
 
-@cli_entry
+@stage_entry
 def main(argv: list[str] | None = None) -> None:
     params = load_params(paths.PARAMS)
     data = load_device_data(params)

@@ -19,7 +19,7 @@ from pipeline.checkpoint import arch_spec, build_model, save_checkpoint
 from pipeline.config import Params, TrainConfig, load_params
 from pipeline.data import DeviceData, load_prepared
 from pipeline.engine import EpochCallback, FitResult, evaluate, fit, resolve_device
-from pipeline.errors import StageFailed, cli_entry
+from pipeline.errors import StageFailed, stage_entry
 from pipeline.io import write_json
 from pipeline.plots import training_curves, write_csv
 from pipeline.tracking import stage_run
@@ -81,7 +81,7 @@ def run(params: Params, on_epoch: EpochCallback | None = None) -> TrainOutcome:
     return train_and_evaluate(params, load_device_data(params), on_epoch=on_epoch)
 
 
-@cli_entry
+@stage_entry
 def main(argv: list[str] | None = None) -> None:
     params = load_params(paths.PARAMS)
     info = load_prepared(paths.PREPARED_DIR).info
