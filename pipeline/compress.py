@@ -56,7 +56,7 @@ from pipeline import onnx_tools, paths
 from pipeline.checkpoint import build_model, load_checkpoint, pruned_spec, save_checkpoint
 from pipeline.config import CompressConfig, Params, load_params, parse_params
 from pipeline.data import DeviceData
-from pipeline.engine import EpochCallback, predict_logits
+from pipeline.engine import EpochCallback, correct_per_image
 from pipeline.errors import ConfigError, DataError, stage_entry
 from pipeline.io import write_json
 from pipeline.plots import compression_plot, write_csv
@@ -146,12 +146,6 @@ def judge(difference: PairedDifference, max_drop: float) -> tuple[bool, str]:
     return True, f"within budget ({detail}; max drop {100 * max_drop:.2f} points)"
 
 
-def torch_correct(model: nn.Module, data: DeviceData, split: str = "val") -> np.ndarray:
-    """Per-image top-1 correctness of a PyTorch model: fp32 (no autocast) on `data.device`."""
-    logits = predict_logits(model.to(data.device), data.x[split], amp=False)
-    return (logits.argmax(1) == data.y[split]).cpu().numpy()
-
-
 def prune_attempt(
     tuned: nn.Module,
     data: DeviceData,
@@ -162,7 +156,7 @@ def prune_attempt(
 ) -> PruneAttempt:
     """Prune and fine-tune a copy of `tuned` at `ratio`; compare it with the tuned model on val.
 
-    `tuned_correct`: the tuned model's `torch_correct` on val (same device, fp32, no autocast).
+    `tuned_correct`: the tuned model's `correct_per_image` on val (same device, fp32, no autocast).
     """
     model = copy.deepcopy(tuned)
     torch.manual_seed(params.seed)
@@ -170,7 +164,7 @@ def prune_attempt(
         model, data, ratio, params.compress, params.train, seed=params.seed, on_epoch=on_epoch
     )
     status = "ok" if all(f.status == "ok" for f in fits) else "diverged"
-    correct = torch_correct(model, data)
+    correct = correct_per_image(model, data)
     difference = paired_difference(correct, tuned_correct)
     macs, n_params = count_macs_params(model.cpu(), data.x["train"][:1].cpu())
     within = judge(difference, params.compress.max_accuracy_drop)[0] and status == "ok"
@@ -337,7 +331,7 @@ def run(
     onnx_tools.export_onnx(tuned, files["dense_fp32"], shape, metadata | {"variant": "dense_fp32"})
     dense, dense_pred = measure("dense_fp32", files["dense_fp32"], data, dense_size)
     dense.accepted, dense.reason = True, "reference: the tuned model"
-    tuned_correct = torch_correct(tuned, data)  # the attempts' reference: PyTorch, like them
+    tuned_correct = correct_per_image(tuned, data)  # the attempts' reference: PyTorch, like them
 
     attempt = reuse_equal_widths(
         lambda ratio: prune_attempt(tuned, data, resolved, tuned_correct, ratio, on_epoch),

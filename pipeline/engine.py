@@ -61,10 +61,6 @@ class FitResult:
     def val_accuracy(self) -> float:
         return self.history[-1]["val_accuracy"] if self.history else 0.0
 
-    @property
-    def best_val_accuracy(self) -> float:
-        return max((h["val_accuracy"] for h in self.history), default=0.0)
-
 
 def autocast_context(device: torch.device, amp: bool):
     if device.type == "cuda" and amp and torch.cuda.is_bf16_supported():
@@ -138,6 +134,13 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, amp: bool = Tru
     loss = F.cross_entropy(logits, y).item()
     accuracy = (logits.argmax(1) == y).float().mean().item()
     return loss, accuracy
+
+
+def correct_per_image(model: nn.Module, data: DeviceData, split: str = "val"):
+    """Per-image top-1 correctness (numpy bool) on one split, fp32 (no autocast) on
+    `data.device`: how every decision that compares two PyTorch models scores them."""
+    logits = predict_logits(model.to(data.device), data.x[split], amp=False)
+    return (logits.argmax(1) == data.y[split]).cpu().numpy()
 
 
 def resolve_augment(cfg: TrainConfig, data: DeviceData) -> str:

@@ -39,17 +39,17 @@ from tqdm.auto import tqdm
 
 from pipeline import paths
 from pipeline.checkpoint import load_checkpoint, save_checkpoint
-from pipeline.config import ConfigError, Params, load_params, parse_params
+from pipeline.config import Params, load_params, parse_params
 from pipeline.data import DeviceData
-from pipeline.engine import fit, predict_logits
-from pipeline.errors import StageFailed, stage_entry
+from pipeline.engine import correct_per_image, fit
+from pipeline.errors import ConfigError, StageFailed, stage_entry
 from pipeline.io import write_json
 from pipeline.plots import search_plots, write_csv
 from pipeline.reporting import search_summary
 from pipeline.stats import PairedDifference, accuracy_interval, paired_difference
 from pipeline.study import (
-    SKIPPED_REASONS,
     enqueue_current_params,
+    is_skipped,
     load_study,
     make_objective,
     reconcile_stale_runs,
@@ -189,7 +189,7 @@ def trial_rows(study: optuna.Study) -> list[dict]:
 
 
 def summarize(params: Params, study: optuna.Study, rows: list[dict]) -> dict:
-    real = [r for r in rows if r["fail_reason"].split(":")[0] not in SKIPPED_REASONS]
+    real = [r for r in rows if not is_skipped(r["fail_reason"])]
     pruned = [r for r in real if r["state"] == "PRUNED"]
     return {
         "study_name": study.study_name,
@@ -223,13 +223,6 @@ def check_above_chance(best_value: float, data: DeviceData, params: Params) -> N
         )
 
 
-def val_correct(model: nn.Module, data: DeviceData):
-    """Per-image correctness on the val split (fp32, eval mode): how every candidate is scored."""
-    model.to(data.device)
-    logits = predict_logits(model, data.x["val"], amp=False)
-    return (logits.argmax(1) == data.y["val"]).cpu().numpy()
-
-
 def load_baseline(path: Path | None, data: DeviceData) -> Shipped | None:
     """The train stage's model, when its checkpoint exists and was trained on this dataset."""
     if path is None or not Path(path).is_file():
@@ -253,7 +246,7 @@ def choose_tuned(
     if baseline is None:
         return winner, None
     difference = paired_difference(
-        val_correct(winner.model, data), val_correct(baseline.model, data)
+        correct_per_image(winner.model, data), correct_per_image(baseline.model, data)
     )
     if difference.high < 0:
         return baseline, difference

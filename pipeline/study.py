@@ -53,6 +53,11 @@ FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 SKIPPED_REASONS = ("surplus", "duplicate")
 
 
+def is_skipped(fail_reason: str) -> bool:
+    """True for a trial stopped before training (`surplus`, `duplicate: ...`)."""
+    return fail_reason.split(":")[0] in SKIPPED_REASONS
+
+
 class TrialFailed(Exception):
     """Ends a trial as FAIL with a recorded reason; the study continues."""
 
@@ -223,7 +228,7 @@ def _duplicate_of(trial: optuna.Trial) -> int | None:
         for t in trial.study.get_trials(deepcopy=False)
         if t.number < trial.number
         and t.user_attrs.get("source") == "params.yaml"
-        and t.user_attrs.get("fail_reason", "").split(":")[0] not in SKIPPED_REASONS
+        and not is_skipped(t.user_attrs.get("fail_reason", ""))
     ]
     return min(earlier, default=None)
 

@@ -20,7 +20,7 @@ from pipeline.checkpoint import (
 )
 from pipeline.config import parse_params
 from pipeline.data import DeviceData, prepare, save_prepared
-from pipeline.engine import fit, predict_logits
+from pipeline.engine import correct_per_image, fit, predict_logits
 from pipeline.errors import ConfigError
 from pipeline.stats import paired_difference
 from tests.conftest import write_params
@@ -301,7 +301,7 @@ def test_an_over_budget_pruned_model_makes_the_stage_bisect_the_ratio(trained, d
     tried = [(a["ratio"], a["within_budget"]) for a in m["attempts"]]
     assert tried == [(0.9, False), (0.45, False), (0.225, True), (0.3375, False)]
     assert m["prune_ratio"] == 0.225 and m["pruned_accepted"] is True
-    reference = compress.torch_correct(trained[1], data).mean()  # PyTorch fp32, like attempts
+    reference = correct_per_image(trained[1], data).mean()  # PyTorch fp32, like attempts
     for a in m["attempts"]:
         diff = a["val_difference"]
         assert diff["n_images"] == 270 and -1 <= diff["low"] <= diff["difference"] <= diff["high"]
