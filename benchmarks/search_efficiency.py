@@ -21,11 +21,11 @@ ship), and the test accuracy of that winner retrained as the search stage retrai
 val accuracy is the maximum of noisy values, so it rises with the number of trials trained to
 the end (random search without pruning completes all 24); the winner's test accuracy is held
 out and has no such bias. Per task: the median and mean over seeds of both, and of epochs
-spent. Verdicts: TPE vs random under the same pruner on the harder task (median best val
-accuracy), and on `digits` ours vs random without pruning on both scores. The last line is the
-ratio of epochs, random without pruning / ours, on `digits`.
+spent. Verdicts, per task: TPE vs random under the same pruner (median best val accuracy);
+ours vs random without pruning on both scores, and the ratio of epochs they spent.
 
-    python benchmarks/search_efficiency.py [--quick] [--seeds 0 1 2 3 4 5 6 7]
+    python benchmarks/search_efficiency.py [--quick] [--seeds 0 1 ...] [--tasks ...]
+        [--strategies ...]
 """
 
 from __future__ import annotations
@@ -124,10 +124,37 @@ def run_one(strategy: dict, task: tuple, seed: int, budget: tuple, folder: Path,
     }
 
 
+def verdicts(task: str, stats: dict) -> None:
+    """Per task: TPE vs random under the same pruner; ours vs random without pruning."""
+    if (task, OURS) in stats and (task, RANDOM_SAME_PRUNER) in stats:
+        tpe, rnd = stats[task, OURS], stats[task, RANDOM_SAME_PRUNER]
+        verdict = "TPE better" if tpe["median"] > rnd["median"] else "TPE NOT better"
+        print(
+            f"{task}, same pruner: median best val accuracy TPE {tpe['median']:.4f} vs random "
+            f"{rnd['median']:.4f} ({verdict}; means {tpe['mean']:.4f} vs {rnd['mean']:.4f})"
+        )
+    if (task, OURS) in stats and (task, RANDOM_NO_PRUNING) in stats:
+        ours, baseline = stats[task, OURS], stats[task, RANDOM_NO_PRUNING]
+        for key, name in [("median", "best val acc"), ("test median", "winner test acc")]:
+            verdict = "equal or better" if ours[key] >= baseline[key] else "WORSE"
+            print(
+                f"{task}: median {name} ours {ours[key]:.4f}, random without pruning "
+                f"{baseline[key]:.4f} ({verdict})"
+            )
+        print(
+            f"{task}: epochs, random without pruning / ours: "
+            f"{baseline['epochs'] / ours['epochs']:.2f}x"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="10 trials x 6 epochs, 2 seeds")
     parser.add_argument("--seeds", type=int, nargs="+", default=list(range(8)), metavar="SEED")
+    parser.add_argument("--tasks", nargs="+", choices=list(TASKS), default=list(TASKS))
+    parser.add_argument(
+        "--strategies", nargs="+", choices=list(STRATEGIES), default=list(STRATEGIES)
+    )
     args = parser.parse_args()
     defaults = parse_params({}).search
     budget = (10, 6) if args.quick else (defaults.n_trials, defaults.epochs)
@@ -135,9 +162,11 @@ def main() -> None:
     torch.set_num_threads(torch.get_num_threads())
     rows, stats = [], {}
     with tempfile.TemporaryDirectory() as tmp:
-        for task, (make_data, *task_params) in TASKS.items():
+        for task in args.tasks:
+            make_data, *task_params = TASKS[task]
             data = make_data()
-            for label, strategy in STRATEGIES.items():
+            for label in args.strategies:
+                strategy = STRATEGIES[label]
                 runs = [
                     run_one(strategy, task_params, seed, budget, Path(tmp), data) for seed in seeds
                 ]
@@ -173,24 +202,8 @@ def main() -> None:
     print_table(
         summary, ["task", "strategy", "epochs", "median", "mean", "test median", "test mean"]
     )
-    tpe, rnd = stats[HARD, OURS], stats[HARD, RANDOM_SAME_PRUNER]
-    verdict = "TPE better" if tpe["median"] > rnd["median"] else "TPE NOT better"
-    print(
-        f"{HARD}, same pruner: median best val accuracy TPE {tpe['median']:.4f} vs random "
-        f"{rnd['median']:.4f} ({verdict}; means {tpe['mean']:.4f} vs {rnd['mean']:.4f})"
-    )
-    ours, baseline = stats["digits", OURS], stats["digits", RANDOM_NO_PRUNING]
-    verdict = "equal or better" if ours["median"] >= baseline["median"] else "WORSE"
-    print(
-        f"digits: median best val accuracy ours {ours['median']:.4f}, random without pruning "
-        f"{baseline['median']:.4f} ({verdict})"
-    )
-    verdict = "equal or better" if ours["test median"] >= baseline["test median"] else "WORSE"
-    print(
-        f"digits: median test accuracy of the retrained winner ours {ours['test median']:.4f}, "
-        f"random without pruning {baseline['test median']:.4f} ({verdict})"
-    )
-    print(f"speedup: {baseline['epochs'] / ours['epochs']:.2f}x")
+    for task in args.tasks:
+        verdicts(task, stats)
 
 
 if __name__ == "__main__":

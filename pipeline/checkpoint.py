@@ -22,7 +22,7 @@ from torch import nn
 
 from pipeline.config import Params
 from pipeline.errors import DataError
-from pipeline.io import atomic_path
+from pipeline.files import atomic_path
 from pipeline.models import create_model
 
 FORMAT = "pipeline.checkpoint/1"

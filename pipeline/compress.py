@@ -58,7 +58,7 @@ from pipeline.config import CompressConfig, Params, load_params, parse_params
 from pipeline.data import DeviceData
 from pipeline.engine import EpochCallback, correct_per_image
 from pipeline.errors import ConfigError, DataError, stage_entry
-from pipeline.io import write_json
+from pipeline.files import write_json
 from pipeline.plots import compression_plot, write_csv
 from pipeline.pruning import count_macs_params, finetune_config, prune_and_finetune, pruned_widths
 from pipeline.reporting import compress_table, difference_metrics

@@ -26,7 +26,7 @@ from sklearn.model_selection import train_test_split
 from pipeline import paths
 from pipeline.config import DataConfig
 from pipeline.errors import DataError
-from pipeline.io import atomic_path, read_json, write_json
+from pipeline.files import atomic_path, read_json, write_json
 
 SPLITS = ("train", "val", "test")
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}

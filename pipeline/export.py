@@ -59,8 +59,8 @@ from pipeline.export_checks import (
     gpu_status,
     summarize_gpu,
 )
+from pipeline.files import git_commit, read_json, sha256_file, write_json
 from pipeline.inference import METADATA_FORMAT
-from pipeline.io import git_commit, read_json, sha256_file, write_json
 from pipeline.plots import export_latency_plot
 from pipeline.reporting import difference_metrics, manifest_table, versus_reference
 from pipeline.tracking import stage_run

@@ -29,7 +29,7 @@ import onnx
 import torch
 from torch import nn
 
-from pipeline.io import atomic_path
+from pipeline.files import atomic_path
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"

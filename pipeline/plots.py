@@ -15,7 +15,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from pipeline.io import atomic_path, write_text  # noqa: E402
+from pipeline.files import atomic_path, write_text  # noqa: E402
 
 
 def write_csv(path: str | Path, rows: list[dict], columns: list[str] | None = None) -> None:

@@ -43,7 +43,7 @@ from pipeline.config import Params, load_params, parse_params
 from pipeline.data import DeviceData
 from pipeline.engine import correct_per_image, fit
 from pipeline.errors import ConfigError, StageFailed, stage_entry
-from pipeline.io import write_json
+from pipeline.files import write_json
 from pipeline.plots import search_plots, write_csv
 from pipeline.reporting import search_summary
 from pipeline.stats import PairedDifference, accuracy_interval, paired_difference

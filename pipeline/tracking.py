@@ -15,7 +15,7 @@ from pathlib import Path
 
 from pipeline import paths
 from pipeline.config import Params
-from pipeline.io import git_commit
+from pipeline.files import git_commit
 
 
 def tracking_uri(params: Params) -> str:

@@ -20,7 +20,7 @@ from pipeline.config import Params, TrainConfig, load_params
 from pipeline.data import DeviceData, load_prepared
 from pipeline.engine import EpochCallback, FitResult, evaluate, fit, resolve_device
 from pipeline.errors import StageFailed, stage_entry
-from pipeline.io import write_json
+from pipeline.files import write_json
 from pipeline.plots import training_curves, write_csv
 from pipeline.tracking import stage_run
 

@@ -21,7 +21,7 @@ from pipeline import onnx_tools, paths
 from pipeline.checkpoint import arch_spec, save_checkpoint
 from pipeline.config import Params, parse_params
 from pipeline.data import DeviceData, load_prepared, prepare, save_prepared
-from pipeline.io import write_json
+from pipeline.files import write_json
 from pipeline.train import train_and_evaluate
 from tests.conftest import TINY_PARAMS, copy_project, run_module, write_params
 

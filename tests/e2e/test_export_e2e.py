@@ -12,7 +12,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from pipeline import onnx_tools
-from pipeline.io import sha256_file
+from pipeline.files import sha256_file
 from tests.conftest import VENV_BIN, subprocess_env
 
 pytestmark = pytest.mark.slow

@@ -21,7 +21,7 @@ from pipeline import export, onnx_tools, paths
 from pipeline.config import ExportConfig, load_params
 from pipeline.errors import DataError, StageFailed
 from pipeline.export_checks import check_parity, gpu_status
-from pipeline.io import sha256_file
+from pipeline.files import sha256_file
 from tests.conftest import run_module, write_params
 from tests.export_helpers import VARIANT_NAMES, exported_project
 

@@ -3,7 +3,7 @@ import os
 from mlflow.tracking import MlflowClient
 
 from pipeline.config import parse_params
-from pipeline.io import atomic_path, write_json
+from pipeline.files import atomic_path, write_json
 from pipeline.tracking import stage_run
 
 
