@@ -6,6 +6,9 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(CURDIR)/$(VENV)/bin
 STAMP := $(VENV)/.installed
+# OpenCV 4.x beside the venv's 5.x (`dev` extra): one site-packages holds one cv2, so it goes
+# to $(VENV)/opencv4 and pipeline/runtimes.py runs it in a subprocess with it on PYTHONPATH.
+OPENCV4 := opencv-python-headless>=4.14,<5
 export PATH := $(BIN):$(PATH)
 
 .PHONY: repro test test-fast lint format mutation clean setup
@@ -17,6 +20,8 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	rm -rf $(VENV)/opencv4
+	$(BIN)/python -m pip install --quiet --no-deps --target $(VENV)/opencv4 "$(OPENCV4)"
 	touch $(STAMP)
 
 repro: $(STAMP)
@@ -41,11 +46,13 @@ MUTATION_TARGETS ?= pipeline.config.* pipeline.stats.* \
 	pipeline.search.x_summarize__* pipeline.search.x_check_above_chance__* \
 	pipeline.search.x_choose_tuned__* pipeline.search.x_trial_rows__* \
 	pipeline.search.x__worker_threads__* \
-	pipeline.compress.x_judge__* pipeline.compress.x_search_ratio__* \
-	pipeline.compress.x_reuse_equal_widths__* pipeline.compress.x_resolve_params__* \
-	pipeline.compress.x__attempts_note__* \
-	pipeline.export.x_must_agree__* pipeline.export.x_recommend__* \
-	pipeline.export.x_finish_variant__* pipeline.export_checks.x_check_parity__*
+	pipeline.ratio_search.x_judge__* pipeline.ratio_search.x_search_ratio__* \
+	pipeline.ratio_search.x_reuse_equal_widths__* pipeline.compress.x_resolve_params__* \
+	pipeline.ratio_search.x_attempts_note__* \
+	pipeline.export_variant.x_must_agree__* pipeline.export_variant.x_finish_variant__* \
+	pipeline.champion.x_summarize_latency__* pipeline.champion.x_faster__* \
+	pipeline.champion.x_recommend__* pipeline.champion.x_alias_decision__* \
+	pipeline.export_checks.x_check_parity__*
 QUOTED_TARGETS := $(foreach t,$(MUTATION_TARGETS),'$(t)')
 
 mutation: $(STAMP)
@@ -62,4 +69,4 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix pipeline tests benchmarks
 
 clean:
-	rm -rf data/prepared models metrics plots mlflow.db mlruns mutants mutants.log
+	rm -rf data/prepared models metrics reports plots mlflow.db mlruns mutants mutants.log

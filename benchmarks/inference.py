@@ -33,39 +33,43 @@ BATCH = 64
 
 
 class TorchSession:
-    """PyTorch eager behind ONNX Runtime's `run` interface, so one timer measures both."""
+    """PyTorch eager behind ONNX Runtime's `run` interface, so one timer measures both. Fed the
+    same uint8 NHWC pixels as the ONNX models, it scales and normalises them as their graphs do.
+    """
 
     class _Input:
         name = "input"
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, mean: list, std: list):
         self.model = model.eval()
+        self.mean = torch.tensor(mean).view(1, -1, 1, 1)
+        self.std = torch.tensor(std).view(1, -1, 1, 1)
 
     def get_inputs(self):
         return [self._Input()]
 
     def run(self, _outputs, feeds):
         with torch.inference_mode():
-            return [self.model(torch.from_numpy(feeds["input"])).numpy()]
+            x = torch.from_numpy(feeds["input"]).permute(0, 3, 1, 2).float() / 255
+            return [self.model((x - self.mean) / self.std).numpy()]
 
 
-def normalised_images(n: int) -> np.ndarray:
+def pixel_images(n: int) -> tuple[np.ndarray, dict]:
+    """(n synthetic CIFAR-shaped images as the models take them, uint8 NHWC; dataset info)."""
     prepared = synthetic_prepared(n)
-    x = prepared.splits["train"][0].float() / 255
-    mean = torch.tensor(prepared.info["mean"]).view(1, -1, 1, 1)
-    std = torch.tensor(prepared.info["std"]).view(1, -1, 1, 1)
-    return ((x - mean) / std).numpy()
+    return onnx_tools.pixels_nhwc(prepared.splits["train"][0]), prepared.info
 
 
-def cifar_variants(name: str, options: dict, folder: Path, images: np.ndarray) -> dict:
+def cifar_variants(name: str, options: dict, folder: Path, images: np.ndarray, info) -> dict:
     torch.manual_seed(0)
     model = create_model(name, 10, 3, 32, **options).eval()
     fp32 = folder / f"{name}_fp32.onnx"
-    onnx_tools.export_onnx(model, fp32, (3, 32, 32))
+    stats = {"mean": info["mean"], "std": info["std"]}
+    onnx_tools.export_onnx(model, fp32, (3, 32, 32), **stats)
     onnx_tools.quantize_int8(fp32, folder / f"{name}_int8.onnx", images[:128])
     onnx_tools.convert_fp16(fp32, folder / f"{name}_fp16.onnx")
     return {
-        "torch eager fp32": model,
+        "torch eager fp32": TorchSession(model, **stats),
         "onnxruntime fp32": fp32,
         "onnxruntime int8": folder / f"{name}_int8.onnx",
         "onnxruntime fp16": folder / f"{name}_fp16.onnx",
@@ -85,11 +89,7 @@ def exported_variants() -> dict:
 def measure(label: str, variants: dict, images: np.ndarray, runs: int) -> list[dict]:
     rows = []
     for engine, model in variants.items():
-        session = (
-            TorchSession(model)
-            if isinstance(model, torch.nn.Module)
-            else (onnx_tools.session_for(model)[0])
-        )
+        session = model if isinstance(model, TorchSession) else onnx_tools.session_for(model)[0]
         result = onnx_tools.benchmark(session, images, BATCH, warmup_runs=10, runs=runs)
         size = model.stat().st_size / 1e6 if isinstance(model, Path) else None
         rows.append(
@@ -110,13 +110,13 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     runs = 50 if args.quick else 300
-    images = normalised_images(256)
+    images, info = pixel_images(256)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        cnn = cifar_variants("cnn", {}, Path(tmp), images)
+        cnn = cifar_variants("cnn", {}, Path(tmp), images, info)
         rows += measure("cnn 3x32x32", cnn, images, runs)
         if not args.quick:
-            resnet = cifar_variants("resnet", {"depth": 20}, Path(tmp), images)
+            resnet = cifar_variants("resnet", {"depth": 20}, Path(tmp), images, info)
             rows += measure("resnet20 3x32x32", resnet, images, runs)
     exported = exported_variants()
     if exported:
@@ -127,7 +127,7 @@ def main() -> None:
             d if isinstance(d, int) else 1
             for d in ort.InferenceSession(str(first)).get_inputs()[0].shape[1:]
         ]
-        digits = np.random.default_rng(0).standard_normal((256, *shape)).astype(np.float32)
+        digits = np.random.default_rng(0).integers(0, 256, (256, *shape), dtype=np.uint8)
         rows += measure("exported (default run)", exported, digits, runs)
     print(f"machine: {machine()}")
     print_table(rows, ["model", "engine", "MB", "p50 ms b1", "p95 ms b1", f"img/s b{BATCH}"])

@@ -150,7 +150,7 @@ def verdicts(task: str, stats: dict) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="10 trials x 6 epochs, 2 seeds")
-    parser.add_argument("--seeds", type=int, nargs="+", default=list(range(8)), metavar="SEED")
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(range(24)), metavar="SEED")
     parser.add_argument("--tasks", nargs="+", choices=list(TASKS), default=list(TASKS))
     parser.add_argument(
         "--strategies", nargs="+", choices=list(STRATEGIES), default=list(STRATEGIES)

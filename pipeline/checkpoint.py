@@ -21,8 +21,8 @@ import torch
 from torch import nn
 
 from pipeline.config import Params
-from pipeline.errors import DataError
-from pipeline.files import atomic_path
+from pipeline.errors import DataError, UserError
+from pipeline.files import atomic_path, load_tensors
 from pipeline.models import create_model
 
 FORMAT = "pipeline.checkpoint/1"
@@ -140,9 +140,17 @@ def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: checkpoint not found; run the stage that writes it")
-    blob = torch.load(path, map_location="cpu", weights_only=True)
-    if blob.get("format") != FORMAT:
-        raise DataError(f"{path}: not a pipeline checkpoint (format {blob.get('format')!r})")
-    model = build_model(blob["arch"])
-    model.load_state_dict(blob["state_dict"])
+    blob = load_tensors(path, "checkpoint")
+    if not isinstance(blob, dict) or blob.get("format") != FORMAT:
+        found = blob.get("format") if isinstance(blob, dict) else type(blob).__name__
+        raise DataError(f"{path}: not a pipeline checkpoint (format {found!r})")
+    try:
+        model = build_model(blob["arch"])
+        model.load_state_dict(blob["state_dict"])
+    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError, UserError) as err:
+        reason = " ".join(str(err).split())[:160]
+        raise DataError(
+            f"{path}: damaged checkpoint, its tensors do not match its architecture "
+            f"({type(err).__name__}: {reason})"
+        ) from None
     return model.eval(), blob

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -25,6 +26,13 @@ import yaml
 from pipeline.errors import ConfigError
 
 DATASETS = ("digits", "cifar10", "mnist", "fashion_mnist", "imagefolder")
+# (channels, pixels) of the fixed-size datasets; imagefolder images are data.image_size
+PREPARED_SHAPES = {
+    "digits": (1, 8),
+    "mnist": (1, 28),
+    "fashion_mnist": (1, 28),
+    "cifar10": (3, 32),
+}
 
 
 def _check(predicate, allowed: str) -> dict:
@@ -80,11 +88,58 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model (CUDA)
 
 
+# Tracking URI schemes MLflow's tracking store registry knows (mlflow 3); no scheme: a local path
+TRACKING_SCHEMES = (
+    "file",
+    "sqlite",
+    "postgresql",
+    "mysql",
+    "mssql",
+    "http",
+    "https",
+    "databricks",
+)
+
+
+def check_tracking_uri(uri: str, key: str) -> None:
+    """Raise ConfigError naming `key` for a tracking URI MLflow cannot open (checked before any
+    work: MLflow itself fails with a traceback, or mid-stage)."""
+    from urllib.parse import urlsplit
+
+    allowed = f"sqlite:///PATH, a folder, or a URI of scheme {', '.join(TRACKING_SCHEMES)}"
+    scheme = urlsplit(uri).scheme if "://" in uri or uri.startswith("sqlite:") else ""
+    if not uri.strip() or (scheme and scheme.split("+")[0] not in TRACKING_SCHEMES):
+        raise ConfigError(f"{key}: got {uri!r}; expected {allowed}")
+    file_store_allowed = os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() in ("true", "1")
+    if scheme in ("", "file") and not file_store_allowed:  # MLflow 3 refuses folder stores
+        raise ConfigError(
+            f"{key}: got {uri!r}; MLflow 3 opens a folder store only with "
+            f"MLFLOW_ALLOW_FILE_STORE=true; expected sqlite:///PATH or a server URI"
+        )
+    if scheme.startswith(("http", "postgresql", "mysql", "mssql")) and not urlsplit(uri).netloc:
+        raise ConfigError(f"{key}: got {uri!r}; expected a host after {scheme}://")
+    if scheme == "sqlite":
+        if not uri.startswith("sqlite:///"):
+            raise ConfigError(f"{key}: got {uri!r}; expected sqlite:///PATH (three slashes)")
+        folder = Path(uri.removeprefix("sqlite:///")).parent
+        if not folder.is_dir():
+            raise ConfigError(f"{key}: got {uri!r}; folder {str(folder)!r} does not exist")
+
+
 @dataclass(frozen=True)
 class TrackingConfig:
     enabled: bool = True
     uri: str | None = None  # default sqlite:///mlflow.db in the project root
-    experiment: str = "tune-compress"
+    experiment: str = field(
+        default="tune-compress",
+        metadata=_check(
+            lambda s: 0 < len(s.strip()) and len(s) <= 500, "a name of 1..500 characters"
+        ),
+    )
+
+    def validate(self) -> None:
+        if self.uri is not None:
+            check_tracking_uri(self.uri, "tracking.uri")
 
 
 def _bounds(t) -> bool:
@@ -147,9 +202,26 @@ class CompressConfig:
     backoff_steps: int = field(default=4, metadata=_check(lambda x: 0 <= x <= 20, "0..20"))
 
 
+def _model_registry_name(name: str) -> bool:
+    """MLflow's rule for registered model names (mlflow.utils.validation._validate_model_name)."""
+    return bool(name.strip()) and not set(name) & {"/", ":"} and name not in (".", "..")
+
+
+# ONNX opsets the export honours: torch's dynamo exporter writes opset 18 at least (a lower
+# request is silently exported at 18 when its version converter fails, which it does for
+# BatchNorm), and ONNX Runtime 1.31 loads up to 26 (checked with torch 2.14, onnx 1.23).
+OPSETS = (18, 26)
+
+
 @dataclass(frozen=True)
 class ExportConfig:
-    opset: int | None = field(default=None, metadata=_check(lambda x: 7 <= x <= 30, "7..30"))
+    opset: int | None = field(
+        default=None,
+        metadata=_check(
+            lambda x: OPSETS[0] <= x <= OPSETS[1],
+            f"{OPSETS[0]}..{OPSETS[1]} (the opsets the exporter and ONNX Runtime honour) or null",
+        ),
+    )
     parity_atol: float = field(default=1e-4, metadata=_check(_positive, "> 0"))
     min_top1_agreement: float = field(
         default=0.99, metadata=_check(lambda x: 0 < x <= 1, "0 < x <= 1")
@@ -158,12 +230,17 @@ class ExportConfig:
     warmup_runs: int = field(default=10, metadata=_check(lambda x: x >= 0, ">= 0"))
     latency_runs: int = field(default=100, metadata=_check(lambda x: x >= 1, ">= 1"))
     benchmark_batch: int = field(default=64, metadata=_check(lambda x: x >= 1, ">= 1"))
-    registered_model: str = "tune-compress-classifier"
+    registered_model: str = field(
+        default="tune-compress-classifier",
+        metadata=_check(_model_registry_name, "a non-empty name without '/' or ':'"),
+    )
 
 
 @dataclass(frozen=True)
 class Params:
-    seed: int = field(default=0, metadata=_check(lambda x: x >= 0, "an integer >= 0"))
+    seed: int = field(  # numpy / scikit-learn take 32-bit seeds
+        default=0, metadata=_check(lambda x: 0 <= x < 2**32, "an integer 0..4294967295")
+    )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
@@ -288,9 +365,11 @@ def _validate_params(p: Params) -> None:
         )
     if p.data.name == "imagefolder" and not p.data.root:
         raise ConfigError("data.root: got None; expected a folder of class sub-folders of images")
-    from pipeline.models import check_model_name
+    from pipeline.models import check_model_fits, check_model_name
 
     check_model_name(p.model.name)
+    channels, size = PREPARED_SHAPES.get(p.data.name, (3, p.data.image_size))
+    check_model_fits(p.model.name, channels, size)
 
 
 def parse_params(raw: Any) -> Params:
@@ -308,4 +387,6 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
     return parse_params(raw)

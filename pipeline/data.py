@@ -5,7 +5,8 @@ Sources (`data.name`):
 - `cifar10`, `mnist`, `fashion_mnist`: torchvision, downloaded to `data.raw_dir` when online;
   their official test split is the test split, val is carved from the official train split.
 - `imagefolder`: `data.root/<class>/<image>`; decoded once with Pillow, centre-cropped and
-  resized to `data.image_size`; grayscale when every image is, else RGB.
+  resized to `data.image_size`; grayscale when every image is, else RGB (16-bit grayscale
+  scaled to 8 bits by `to_8bit`, which inference uses too).
 
 Splits are seeded and stratified. `save_prepared` writes `<dir>/{train,val,test}.pt` (dicts of
 `images` uint8 NxCxHxW and `labels` int64) and `dataset.json` (classes, shape, mean/std of the
@@ -26,7 +27,7 @@ from sklearn.model_selection import train_test_split
 from pipeline import paths
 from pipeline.config import DataConfig
 from pipeline.errors import DataError
-from pipeline.files import atomic_path, read_json, write_json
+from pipeline.files import atomic_path, load_tensors, read_json, write_json
 
 SPLITS = ("train", "val", "test")
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -137,17 +138,30 @@ def load_torchvision_dataset(name: str, raw_dir: Path, download: bool) -> RawDat
     return RawDataset(train[0], train[1], train[2], test[0], test[1])
 
 
+def to_8bit(img):
+    """A 16-bit grayscale image (Pillow modes I;16, I;16B, ...) scaled to 8 bits (mode L);
+    other images as they are. Pillow's own conversion clips at 255, which turns a 16-bit image
+    into a nearly binary one. The prepare stage and inference both read images through this."""
+    if not img.mode.startswith("I;16"):
+        return img
+    from PIL import Image
+
+    wide = np.asarray(img).astype(np.uint32)
+    return Image.fromarray(((wide * 255 + 32767) // 65535).astype(np.uint8))
+
+
 def _decode_image(path: Path, size: int):
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
         with Image.open(path) as img:
             img.load()
-            gray = img.mode in ("1", "L", "LA", "I", "I;16", "F")
+            img = to_8bit(img)
+            gray = img.mode in ("1", "L", "LA", "I", "F")
             img = img.convert("L" if gray else "RGB")
             img = ImageOps.fit(img, (size, size), Image.Resampling.BILINEAR)
             return np.asarray(img, dtype=np.uint8), gray
-    except (UnidentifiedImageError, OSError, ValueError) as err:
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
         raise DataError(f"data.root: cannot read image {path}: {err}") from None
 
 
@@ -160,13 +174,19 @@ def load_image_folder(root: Path, image_size: int) -> RawDataset:
         (f, label)
         for label, d in enumerate(class_dirs)
         for f in sorted(d.rglob("*"))
-        if f.suffix.lower() in IMAGE_EXTENSIONS
+        if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file()
     ]
     if len(class_dirs) < 2 or not files:
         raise DataError(
             f"data.root: {root} needs at least 2 class sub-folders with images "
             f"({', '.join(sorted(IMAGE_EXTENSIONS))}); found {len(class_dirs)} folders, "
             f"{len(files)} images"
+        )
+    empty = [d.name for label, d in enumerate(class_dirs) if all(y != label for _, y in files)]
+    if empty:  # a class the model could never learn: an output it would never predict
+        raise DataError(
+            f"data.root: class folder {str(root / empty[0])!r} has no images "
+            f"({', '.join(sorted(IMAGE_EXTENSIONS))}); add some or remove the folder"
         )
     decoded = [_decode_image(f, image_size) for f, _ in files]
     all_gray = all(gray for _, gray in decoded)
@@ -264,15 +284,46 @@ def load_prepared(prepared_dir: Path = paths.PREPARED_DIR) -> Prepared:
     info_path = prepared_dir / "dataset.json"
     if not info_path.is_file():
         raise DataError(f"{info_path}: not found; run the prepare stage first (dvc repro)")
+    rerun = "run the prepare stage again (dvc repro -f prepare)"
     splits = {}
     for split in SPLITS:
-        blob = torch.load(paths.split_file(split, prepared_dir), weights_only=True)
-        splits[split] = (blob["images"], blob["labels"])
-    return Prepared(splits, read_json(info_path))
+        path = paths.split_file(split, prepared_dir)
+        if not path.is_file():
+            raise DataError(f"{path}: not found; {rerun}")
+        blob = load_tensors(path, "prepared split", rerun)
+        images, labels = (
+            blob.get(k) if isinstance(blob, dict) else None for k in ("images", "labels")
+        )
+        if not (
+            isinstance(images, torch.Tensor)
+            and images.dtype == torch.uint8
+            and images.ndim == 4
+            and isinstance(labels, torch.Tensor)
+            and len(labels) == len(images)
+        ):
+            raise DataError(
+                f"{path}: not a prepared split (uint8 N x C x H x W images + labels); {rerun}"
+            )
+        splits[split] = (images, labels)
+    try:
+        info = read_json(info_path)
+    except (ValueError, OSError) as err:
+        raise DataError(
+            f"{info_path}: unreadable ({' '.join(str(err).split())[:120]}); {rerun}"
+        ) from None
+    missing = [k for k in DATASET_KEYS if not isinstance(info, dict) or k not in info]
+    if missing:
+        raise DataError(f"{info_path}: not a dataset description (no {missing[0]!r}); {rerun}")
+    return Prepared(splits, info)
+
+
+# dataset.json keys the stages read
+DATASET_KEYS = ("name", "classes", "shape", "mean", "std", "counts", "sha256")
 
 
 class DeviceData:
-    """The prepared splits normalised once, as float tensors on one device."""
+    """The prepared splits normalised once, as float tensors on one device (`x`, `y`); `images`
+    keeps the prepared uint8 N x C x H x W tensors as they were (what ONNX models are fed)."""
 
     def __init__(self, prepared: Prepared, device: torch.device, channels_last: bool = False):
         self.info = prepared.info
@@ -280,6 +331,7 @@ class DeviceData:
         mean = torch.tensor(self.info["mean"], device=self.device).view(1, -1, 1, 1)
         std = torch.tensor(self.info["std"], device=self.device).view(1, -1, 1, 1)
         self.x, self.y = {}, {}
+        self.images = {split: images for split, (images, _) in prepared.splits.items()}
         for split, (images, labels) in prepared.splits.items():
             x = (images.to(self.device).float() / 255.0 - mean) / std
             if channels_last:

@@ -2,14 +2,21 @@
 
 `UserError` (and its subclasses `ConfigError`, `DataError`) carry a one-line message that names
 what is wrong: the key path or the file, the value, and what is allowed. `cli_entry` wraps a
-stage's `main()` so such an error prints `error: <message>` on stderr and exits 2, with no
-traceback. Anything else is a bug and keeps its traceback.
+command's `main()` so such an error prints `error: <message>` on stderr and exits 2, a
+`StageFailed` prints `failed: <message>` and exits 1, and anything else (a bug) prints
+`internal error: <type>: <message>` with the path of a log file holding the traceback and exits
+1. None prints a traceback unless `PIPELINE_TRACEBACK=1` is set.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
 
 
 class UserError(Exception):
@@ -34,8 +41,7 @@ def _parse_stage_argv(func, argv: list[str] | None) -> None:
     import argparse
 
     module = sys.modules[func.__module__]
-    spec = getattr(module, "__spec__", None)  # `python -m pipeline.x`: __module__ is __main__
-    stage = (spec.name if spec else func.__module__).rsplit(".", 1)[-1]
+    stage = _command_name(func)
     doc = module.__doc__ or ""
     parser = argparse.ArgumentParser(
         prog=f"pipeline {stage}",
@@ -71,5 +77,49 @@ def _entry(func, parse_args: bool):
         except StageFailed as err:
             print(f"failed: {err}", file=sys.stderr)
             raise SystemExit(1) from None
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            raise SystemExit(130) from None
+        except Exception as err:
+            if os.environ.get("PIPELINE_TRACEBACK") == "1":
+                raise
+            log = write_error_log(_command_name(func), err)
+            print(f"internal error: {one_line(err)} (traceback in {log})", file=sys.stderr)
+            raise SystemExit(1) from None
 
     return wrapper
+
+
+def one_line(err: BaseException, limit: int = 300) -> str:
+    """`Type: message` on one line (whitespace collapsed), at most `limit` characters."""
+    text = " ".join(str(err).split())
+    line = f"{type(err).__name__}: {text}" if text else type(err).__name__
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def _command_name(func) -> str:
+    module = sys.modules.get(func.__module__)
+    spec = getattr(module, "__spec__", None)  # `python -m pipeline.x`: __module__ is __main__
+    return (spec.name if spec else func.__module__).rsplit(".", 1)[-1]
+
+
+def write_error_log(name: str, err: BaseException) -> Path:
+    """Write `err`'s traceback to `logs/pipeline-<name>.log` in a project (a folder with
+    params.yaml), else to the temp folder; returns the path (the last failure of each command is
+    kept)."""
+    text = (
+        f"{time.strftime('%Y-%m-%d %H:%M:%S')} pipeline {name} {' '.join(sys.argv[1:])}\n"
+        f"cwd: {Path.cwd()}\n\n" + "".join(traceback.format_exception(err))
+    )
+    folders = [Path(tempfile.gettempdir())]
+    if Path("params.yaml").is_file():
+        folders.insert(0, Path("logs"))
+    for folder in folders:
+        path = folder / f"pipeline-{name}.log"
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+            return path.resolve()
+        except OSError:
+            continue
+    return Path(os.devnull)

@@ -2,7 +2,9 @@
 
 - `check_parity`: fp32 logits within `export.parity_atol` of the PyTorch model's; int8 / fp16
   top-1 agreeing with it on at least `export.min_top1_agreement` of the val images (a parity
-  failure flips `accepted`, so it is a decision: it never reads the test split).
+  failure flips `accepted`, so it is a decision: it never reads the test split). Both sides
+  see the same images: the ONNX model their uint8 NHWC pixels (it normalises them in its
+  graph), PyTorch the floats `DeviceData` normalised.
 - `gpu_status` / `gpu_check`: GPU providers are tried only when `torch.cuda.is_available()`
   (ONNX Runtime lists them anyway and prints load errors when asked for them); each variant on
   each provider that really starts is compared with its CPU outputs.
@@ -66,18 +68,21 @@ def failure_table(rows: list[tuple[str, str, dict]], n_images: int) -> str:
 def gpu_check(
     name: str,
     model_bytes: bytes,
-    x: np.ndarray,
+    pixels: np.ndarray,
     cpu_logits: np.ndarray,
     cfg: ExportConfig,
     providers: list[str],
 ) -> tuple[list[dict], dict]:
-    """Run one variant on each GPU provider; (check records, provider -> open session)."""
+    """Run one variant on each GPU provider; (check records, provider -> open session).
+
+    `pixels`: the val images as the model takes them (uint8 NHWC), `cpu_logits` its CPU
+    outputs on them."""
     records, sessions = [], {}
     for provider in providers:
         session, actual = onnx_tools.session_for(model_bytes, provider)
         record = {"variant": name, "provider": provider, "ran": actual == provider}
         if record["ran"]:
-            logits = onnx_tools.run_logits(session, x)
+            logits = onnx_tools.run_logits(session, pixels)
             agree = logits.argmax(1) == cpu_logits.argmax(1)
             record.update(
                 top1_agreement=round(float(agree.mean()), 6),
@@ -95,7 +100,7 @@ def gpu_check(
 
 
 def gpu_status(params: Params) -> tuple[str, list[str]]:
-    """(what metrics/export.json says about the GPU, GPU providers to try)."""
+    """(what reports/export.json says about the GPU, GPU providers to try)."""
     if not torch.cuda.is_available():
         status, providers = "not available", []
     elif params.device == "cpu":
@@ -114,7 +119,7 @@ def gpu_status(params: Params) -> tuple[str, list[str]]:
 def summarize_gpu(
     status: str, providers: list[str], ran: list[str], records: list[dict], params: Params
 ) -> str:
-    """The GPU line of metrics/export.json once the providers were tried."""
+    """The GPU line of reports/export.json once the providers were tried."""
     if not providers:
         return status
     if ran:

@@ -73,3 +73,38 @@ def git_commit(cwd: str | Path = ".") -> str:
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return commit + ("-dirty" if dirty else "")
+
+
+def load_tensors(path: str | Path, what: str, hint: str = ""):
+    """`torch.load(path, weights_only=True)` on the CPU; a file it refuses (truncated, corrupt,
+    pickled objects) is a DataError naming `path`, why, and `hint` (what to do), in one line."""
+    import warnings
+
+    import torch
+
+    from pipeline.errors import DataError
+
+    try:
+        with warnings.catch_warnings():  # a foreign pickle protocol warns before failing
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # zip, pickle, EOF and weights-only errors, each with a long text
+        hint = f"; {hint}" if hint else ""
+        raise DataError(f"{path}: not a readable {what} ({_load_failure(err)}){hint}") from None
+
+
+def _load_failure(err: Exception) -> str:
+    """Why `torch.load(weights_only=True)` refused a file, in a few words."""
+    text = " ".join(str(err).split())
+    unsupported = text.split("Unsupported global: ", 1)
+    if len(unsupported) == 2:
+        what = unsupported[1].split(" ", 2)[:2]
+        return (
+            f"it holds pickled Python objects ({' '.join(what)}), which are never loaded: "
+            f"only tensors and plain data are"
+        )
+    if isinstance(err, EOFError) or "central directory" in text or "zip archive" in text:
+        return "truncated or empty file"
+    detail = text.rsplit("WeightsUnpickler error:", 1)[-1].split(" Check the documentation")[0]
+    detail = detail.strip()[:120]
+    return f"corrupt file: {detail or type(err).__name__}"

@@ -18,6 +18,7 @@ ones it does not use, so `params.yaml`'s `model` section maps straight onto it.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -73,7 +74,7 @@ def create_model(
         (N, num_classes) logits.
 
     Raises:
-        ConfigError: unknown name.
+        ConfigError: unknown name, or a torchvision model that cannot take this image size.
 
     Example:
         >>> create_model("cnn", 10, 1, 8, widths=(16, 32)).eval()(torch.zeros(2, 1, 8, 8)).shape
@@ -81,6 +82,7 @@ def create_model(
     """
     check_model_name(name)
     if name.startswith("torchvision:"):
+        check_model_fits(name, in_channels, image_size)
         return _torchvision_model(name.split(":", 1)[1], num_classes, in_channels)
     return _REGISTRY[name](num_classes, in_channels, image_size, **options)
 
@@ -228,11 +230,55 @@ class ChannelAdapter(nn.Module):
         return self.body(self.adapt(x))
 
 
+# Builder options that make a torchvision model return plain logits when training (their
+# auxiliary heads return a tuple the loss cannot take) and keep today's initialisation quietly.
+_TORCHVISION_OPTIONS = {
+    "googlenet": {"aux_logits": False, "init_weights": True},
+    "inception_v3": {"aux_logits": False, "init_weights": True},
+}
+
+
 def _torchvision_model(tv_name: str, num_classes: int, in_channels: int) -> nn.Module:
     import torchvision
 
-    body = torchvision.models.get_model(tv_name, weights=None, num_classes=num_classes)
+    options = _TORCHVISION_OPTIONS.get(tv_name, {})
+    body = torchvision.models.get_model(tv_name, weights=None, num_classes=num_classes, **options)
     return body if in_channels == 3 else ChannelAdapter(in_channels, body)
+
+
+@functools.cache
+def check_model_fits(name: str, in_channels: int, image_size: int) -> None:
+    """Raise ConfigError (key `model.name`) when a `torchvision:<name>` model cannot take
+    `in_channels` x `image_size` x `image_size` images (ViTs need 224 px, Inception 75 px, ...):
+    a forward pass on one zero image, once per shape, instead of a traceback mid-training. It
+    runs on the meta device (shapes only: milliseconds, no memory), on the CPU for the few
+    models the meta device cannot run; the random state is left as it was. The registered
+    models take any size from 4 px."""
+    if not name.startswith("torchvision:"):
+        return
+    try:
+        _dry_forward(name.split(":", 1)[1], in_channels, image_size, "meta")
+    except NotImplementedError:  # an op without a meta kernel
+        try:
+            _dry_forward(name.split(":", 1)[1], in_channels, image_size, "cpu")
+        except Exception as err:
+            raise _does_not_fit(name, in_channels, image_size, err) from None
+    except Exception as err:  # torchvision raises AssertionError, RuntimeError, ValueError
+        raise _does_not_fit(name, in_channels, image_size, err) from None
+
+
+def _dry_forward(tv_name: str, in_channels: int, image_size: int, device: str) -> None:
+    with torch.random.fork_rng(devices=[]), torch.device(device), torch.no_grad():
+        model = _torchvision_model(tv_name, 2, in_channels).eval()
+        model(torch.zeros(1, in_channels, image_size, image_size))
+
+
+def _does_not_fit(name: str, in_channels: int, image_size: int, err: Exception) -> ConfigError:
+    reason = " ".join(str(err).split())[:160] or type(err).__name__
+    return ConfigError(
+        f"model.name: got {name!r}; it cannot take {in_channels}x{image_size}x{image_size} "
+        f"images ({reason}); choose another model or image size"
+    )
 
 
 def count_params(model: nn.Module) -> int:

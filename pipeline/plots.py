@@ -58,6 +58,49 @@ def _note_axes(text: str):
     return ax
 
 
+def search_history_figure(study):
+    """(figure, axes, points) of the search history: each complete trial's objective (val
+    accuracy) against its number, each pruned trial at the last value it reported (the rung
+    where it stopped, a distinct marker), and the best value so far. `points`: dicts with
+    number, state, value, epochs (the step of that value)."""
+    from optuna.trial import TrialState
+
+    points = []
+    for t in study.get_trials(deepcopy=False):
+        if t.state == TrialState.COMPLETE and t.value is not None:
+            last = max(t.intermediate_values, default=None)
+            points.append(
+                {"number": t.number, "state": "COMPLETE", "value": t.value, "epochs": last}
+            )
+        elif t.state == TrialState.PRUNED and t.intermediate_values:
+            last = max(t.intermediate_values)
+            value = t.intermediate_values[last]
+            points.append({"number": t.number, "state": "PRUNED", "value": value, "epochs": last})
+    fig, ax = plt.subplots(figsize=(7.2, 4.2))
+    styles = {
+        "COMPLETE": {"marker": "o", "color": "tab:blue", "label": "complete"},
+        "PRUNED": {"marker": "x", "color": "tab:orange", "label": "pruned (last reported value)"},
+    }
+    for state, style in styles.items():
+        chosen = [p for p in points if p["state"] == state]
+        if chosen:
+            ax.scatter([p["number"] for p in chosen], [p["value"] for p in chosen], **style)
+    complete = sorted((p["number"], p["value"]) for p in points if p["state"] == "COMPLETE")
+    if complete:
+        best, xs, ys = float("-inf"), [], []
+        for number, value in complete:
+            best = max(best, value)
+            xs.append(number)
+            ys.append(best)
+        ax.step(xs, ys, where="post", color="tab:green", label="best so far (complete)")
+    ax.margins(x=0.05, y=0.1)
+    ax.set_xlabel("trial")
+    ax.set_ylabel("val accuracy")
+    ax.set_title(f"search history: {study.study_name}", fontsize=10)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)  # never over a point
+    return fig, ax, points
+
+
 def search_plots(study, out_dir: str | Path) -> list[Path]:
     """Optimization history, parameter importances and lr x weight decay, as PNG files."""
     import warnings
@@ -70,7 +113,7 @@ def search_plots(study, out_dir: str | Path) -> list[Path]:
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     enough = len(complete) >= 2
     figures = {
-        "search_history.png": lambda: ovm.plot_optimization_history(study),
+        "search_history.png": lambda: search_history_figure(study)[1],
         "search_importance.png": lambda: (
             ovm.plot_param_importances(study)
             if enough
@@ -113,24 +156,76 @@ def compression_plot(variants: list[dict], max_drop: float, path: str | Path) ->
     save_figure(fig, path)
 
 
-def export_latency_plot(manifest: dict, path: str | Path) -> None:
-    """export: val accuracy against batch-1 p50 latency, one point per variant and provider."""
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    markers = {
-        "CPUExecutionProvider": "o",
-        "CUDAExecutionProvider": "s",
-        "TensorrtExecutionProvider": "^",
-    }
+PROVIDER_MARKERS = {
+    "CPUExecutionProvider": "o",
+    "CUDAExecutionProvider": "s",
+    "TensorrtExecutionProvider": "^",
+}
+
+
+def spread(positions: list[float], gap: float, low: float = 0.03, high: float = 0.97) -> list:
+    """`positions` (ascending, axes fraction) moved as little as it takes to be `gap` apart
+    and within [low, high] (when they fit), order kept: where the labels of close points go."""
+    out = list(positions)
+    for i in range(len(out)):
+        out[i] = max(out[i], low if i == 0 else out[i - 1] + gap)
+    for i in reversed(range(len(out))):
+        out[i] = min(out[i], high if i == len(out) - 1 else out[i + 1] - gap)
+    return out
+
+
+def export_latency_figure(manifest: dict):
+    """(figure, axes, points) of the export plot: val accuracy against batch-1 p50 latency, one
+    point per variant and provider. Labels sit in a column right of the axes, in the order of
+    their points' accuracy, each joined to its point by a thin line, so variants that tie (the
+    usual case for pruned / int8 / fp16) never overlap; the margins keep every marker, and the
+    recommended one's ring, inside the axes. `points`: dicts with name, provider, x, y,
+    accepted, recommended and the label's text."""
+    points = []
     for e in manifest["variants"]:
-        color = "tab:green" if e["accepted"] else "tab:red"
         for provider, timing in e["latency"].items():
-            x, y = timing["latency_ms_p50_b1"], e["val_accuracy"]
-            ax.scatter(x, y, color=color, marker=markers.get(provider, "D"), s=60)
-            label = f"{e['name']} ({provider.removesuffix('ExecutionProvider')})"
-            ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
-            if e["recommended"] and provider == e["provider"]:
-                ax.scatter(x, y, s=260, facecolors="none", edgecolors="black", linewidths=1.5)
+            points.append(
+                {
+                    "name": e["name"],
+                    "provider": provider,
+                    "x": timing["latency_ms_p50_b1"],
+                    "y": e["val_accuracy"],
+                    "accepted": e["accepted"],
+                    "recommended": e["recommended"] and provider == e["provider"],
+                    "label": f"{e['name']} ({provider.removesuffix('ExecutionProvider')})",
+                }
+            )
+    fig, ax = plt.subplots(figsize=(7.6, 4.4))
+    for p in points:
+        color = "tab:green" if p["accepted"] else "tab:red"
+        ax.scatter(p["x"], p["y"], color=color, marker=PROVIDER_MARKERS.get(p["provider"], "D"))
+        if p["recommended"]:
+            ax.scatter(p["x"], p["y"], s=260, facecolors="none", edgecolors="black", lw=1.5)
+    ax.margins(x=0.12, y=0.18)  # room for the ring around the recommended point
+    low, high = ax.get_ylim()
+    # bottom label = lowest point; among ties the rightmost point takes the lower label, so no
+    # line crosses another tied point
+    ordered = sorted(points, key=lambda p: (p["y"], -p["x"]))
+    wanted = [(p["y"] - low) / (high - low) for p in ordered]
+    for p, label_y in zip(ordered, spread(wanted, gap=0.08), strict=True):
+        ax.annotate(
+            p["label"],
+            (p["x"], p["y"]),
+            xytext=(1.04, label_y),
+            textcoords="axes fraction",
+            va="center",
+            fontsize=8,
+            arrowprops={"arrowstyle": "-", "color": "0.6", "lw": 0.6, "shrinkB": 6},
+        )
+        p["label_y"] = float(label_y)
     ax.set_xlabel("latency, batch 1, p50 (ms)")
     ax.set_ylabel("val accuracy")
-    ax.set_title("export: accepted (green) / rejected (red); circled: recommended")
+    ax.set_title("export: accepted (green) / rejected (red); circled: recommended", fontsize=10)
+    return fig, ax, points
+
+
+def export_latency_plot(manifest: dict, path: str | Path) -> list[dict]:
+    """export: `export_latency_figure` saved as a PNG; returns its points."""
+    fig, _, points = export_latency_figure(manifest)
     save_figure(fig, path)
+    return points

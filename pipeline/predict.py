@@ -1,14 +1,16 @@
 """`pipeline predict`: classify image files with an exported ONNX model.
 
-    pipeline predict exported_models/model_int8.onnx seven.png three.jpg --top-k 3
+    pipeline predict exported_models/model_int8.onnx samples/seven.png samples/three.png --top-k 3
     pipeline predict MODEL IMAGE... [--top-k K] [--device auto|cpu|cuda] [--json]
 
-Preprocessing and labels come from the model's metadata (`pipeline.inference.OnnxClassifier`).
+The image size, mode and labels come from the model's metadata; each image is resized and fed
+as uint8 pixels, the graph scales and normalises them (`pipeline.inference.OnnxClassifier`).
 Images are files Pillow reads (PNG, JPEG, ...) or `.npy` uint8 arrays (HxW or HxWxC). Prints a
 table, or with `--json` a JSON list with one object per image:
 `{"image": path, "top": [{"label": ..., "probability": ...}, ...]}`. A missing or unreadable
-image, a file that is not an ONNX model, a model without the pipeline's metadata or an array
-with a wrong channel count: exit code 2 and one line naming the file and the problem.
+image, a file that is not an ONNX model, a model without the pipeline's metadata (or of its
+older format), or an array with a wrong channel count: exit code 2 and one line naming the file
+and the problem.
 """
 
 from __future__ import annotations

@@ -79,10 +79,10 @@ def manifest_table(manifest: dict) -> str:
     batch = manifest["benchmark_batch"]
     head = (
         f"| variant | val acc | val vs fp32, points [95% CI] | test acc | size (bytes) | params "
-        f"| MACs | p50 b1 (ms) | p95 b1 (ms) | img/s b{batch} | provider | parity | accepted "
-        f"| recommended |"
+        f"| MACs | p50 b1 (ms) | spread (ms) | p95 b1 (ms) | img/s b{batch} | provider | parity "
+        f"| accepted | recommended |"
     )
-    lines = [head, "|" + " --- |" * 14]
+    lines = [head, "|" + " --- |" * 15]
     for e in manifest["variants"]:
         p = e["parity"]
         parity = f"{'ok' if p['passed'] else 'FAIL'} (diff {p['max_abs_diff']:.1e}, " + (
@@ -92,7 +92,8 @@ def manifest_table(manifest: dict) -> str:
             f"| {e['name']} | {e['val_accuracy']:.4f} | "
             f"{describe_difference(e['val_difference'])} | {e['test_accuracy']:.4f} | "
             f"{e['size_bytes']} | {e['params']} | {e['macs']} | {e['latency_ms_p50_b1']:.3f} | "
-            f"{e['latency_ms_p95_b1']:.3f} | {e[f'throughput_b{batch}']:.0f} | {e['provider']} | "
+            f"{e['latency_spread_ms']:.3f} | {e['latency_ms_p95_b1']:.3f} | "
+            f"{e[f'throughput_b{batch}']:.0f} | {e['provider']} | "
             f"{parity} | {'yes' if e['accepted'] else 'no: ' + e['reason']} | "
             f"{'**yes**' if e['recommended'] else ''} |"
         )

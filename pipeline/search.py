@@ -4,9 +4,12 @@ Reads: params.yaml (`seed`, `device`, `model`, `train`, `search`, `tracking`), `
 `models/baseline.pt` (the baseline to compare with; optional outside DVC).
 Writes: the study in `search.storage` (default `studies/optuna.db`, a persistent DVC output, so a
 crashed or extended search resumes), `studies/best_params.json`, `studies/trials.csv`,
-`models/tuned.pt`, `metrics/search.json`, `plots/search_*.png`; one MLflow run with every trial
-nested under it. `search.workers: N` runs N processes on the study (several machines: point
-them at one PostgreSQL `search.storage`). Run: `dvc repro search`, `pipeline search`.
+`models/tuned.pt`, `metrics/search.json` (the tuned model's val and test accuracy),
+`reports/search.json` (the whole record), `plots/search_*.png`; one MLflow run (the flattened
+params, like every stage) with every trial nested under it. `search.workers: N` runs N
+processes on the study (several machines: point them at one PostgreSQL `search.storage`).
+A relative SQLite `search.storage` lies in the project's own folder, also for a queued or
+`--temp` DVC experiment. Run: `dvc repro search`, `pipeline search`.
 
 Decisions, all on the val split:
 1. Each trial's objective is the val accuracy of the model it would ship (its last epoch).
@@ -46,6 +49,7 @@ from pipeline.errors import ConfigError, StageFailed, stage_entry
 from pipeline.files import write_json
 from pipeline.plots import search_plots, write_csv
 from pipeline.reporting import search_summary
+from pipeline.results import write_results
 from pipeline.stats import PairedDifference, accuracy_interval, paired_difference
 from pipeline.study import (
     enqueue_current_params,
@@ -56,8 +60,12 @@ from pipeline.study import (
     run_worker,
     study_name,
 )
-from pipeline.tracking import stage_run
+from pipeline.tracking import check_tracking, stage_run
 from pipeline.train import load_device_data, train_and_evaluate
+
+# metrics/search.json; the rest of the record (study name, tuned_source, the baseline
+# comparison, seconds) goes to reports/search.json
+METRIC_KEYS = ("tuned_val_accuracy", "tuned_test_accuracy")
 
 TRIAL_COLUMNS = [
     "number",
@@ -315,17 +323,44 @@ def _save_outputs(params: Params, outcome: SearchOutcome, info: dict, tracker) -
         info,
         {**tuned.metrics, "search": outcome.best, "tuned_source": tuned.source},
     )
-    write_json(paths.METRICS_DIR / "search.json", outcome.metrics)
+    write_results("search", outcome.metrics, METRIC_KEYS)
     pngs = search_plots(outcome.study, paths.PLOTS_DIR)
     tracker.log_metrics({k: v for k, v in outcome.metrics.items() if k != "best_trial"})
+    tracker.set_tags({"tuned_source": tuned.source})
     tracker.log_params({f"best.{k}": v for k, v in outcome.best["params"].items()})
     for path in [*pngs, paths.STUDIES_DIR / "trials.csv", paths.STUDIES_DIR / "best_params.json"]:
         tracker.log_artifact(path, "search")
 
 
+def snapshot_study(url: str) -> Path | None:
+    """When a relative SQLite study lives in the project's own folder but this stage runs in a
+    copy (a queued or `--temp` DVC experiment), copy the study into the copy's file (SQLite's
+    online backup), so that DVC's `studies/optuna.db` output exists and holds what this
+    experiment saw; return that file. None when the study is already there, or not SQLite."""
+    import contextlib
+    import sqlite3
+
+    project_url = paths.storage_url(url)
+    if project_url == url:
+        return None
+    local = Path(url.removeprefix("sqlite:///").split("?")[0])
+    project_file = Path(project_url.removeprefix("sqlite:///").split("?")[0])
+    if local.resolve() == project_file.resolve():
+        return None
+    local.parent.mkdir(parents=True, exist_ok=True)
+    local.unlink(missing_ok=True)
+    with (
+        contextlib.closing(sqlite3.connect(project_file)) as source,
+        contextlib.closing(sqlite3.connect(local)) as copy,
+    ):
+        source.backup(copy)
+    return local
+
+
 @stage_entry
 def main(argv: list[str] | None = None) -> None:
     params = load_params(paths.PARAMS)
+    check_tracking(params)  # before any work: the study is opened before the run starts
     data = load_device_data(params)
     info = data.info
     paths.STUDIES_DIR.mkdir(parents=True, exist_ok=True)
@@ -334,10 +369,11 @@ def main(argv: list[str] | None = None) -> None:
     with stage_run(
         "search", params, info["sha256"]["all"], run_name=f"search {name}", resume_run_id=resume
     ) as tracker:
-        tracker.log_params({"search": dataclasses.asdict(params.search)})
+        tracker.log_params(params.to_dict())
         tracker.set_tags({"study_name": name})
         outcome = run(params, data, paths.BASELINE_CKPT, tracker.run_id)
         _save_outputs(params, outcome, info, tracker)
+    snapshot_study(params.search.storage)
     print(search_summary(outcome.metrics, outcome.best["params"]), file=sys.stderr)
 
 

@@ -36,11 +36,13 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 
 import optuna
 import torch
 from optuna.trial import TrialState
 
+from pipeline import paths
 from pipeline.config import Params
 from pipeline.data import DeviceData
 from pipeline.errors import ConfigError
@@ -155,7 +157,12 @@ def load_study(params: Params, name: str, worker: int = 0) -> optuna.Study:
     trials the study already holds, so workers and resumed runs do not repeat each other."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
-        storage = make_storage(params.search.storage)
+        url = paths.storage_url(params.search.storage)  # the project's studies/, not a copy
+        if url.startswith("sqlite:///"):
+            Path(url.removeprefix("sqlite:///").split("?")[0]).parent.mkdir(
+                parents=True, exist_ok=True
+            )
+        storage = make_storage(url)
         try:
             existing = len(
                 storage.get_all_trials(storage.get_study_id_from_name(name), deepcopy=False)

@@ -2,8 +2,12 @@
 
 The tracking URI is `MLFLOW_TRACKING_URI` when set, else `tracking.uri` from params, else
 `sqlite:///mlflow.db` in the project root. Every run is tagged with the git commit, the stage,
-the params hash and the dataset sha256. With `tracking.enabled: false` a do-nothing run is
-used, so stages never ask "is logging on?".
+the params hash, the dataset sha256 and its process (`process.pid`, `process.host`). With
+`tracking.enabled: false` a do-nothing run is used, so stages never ask "is logging on?".
+
+Before a stage run starts, a tracking server (http, https, a database host) is probed for a few
+seconds (a UserError naming the URI instead of minutes of silent retries), and the RUNNING runs
+of the same stage whose process died on this host (kill -9) are ended as FAILED.
 """
 
 from __future__ import annotations
@@ -14,7 +18,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from pipeline import paths
-from pipeline.config import Params
+from pipeline.config import Params, check_tracking_uri
+from pipeline.errors import UserError
 from pipeline.files import git_commit
 
 
@@ -24,7 +29,7 @@ def tracking_uri(params: Params) -> str:
         return env
     if params.tracking.uri:
         return params.tracking.uri
-    return f"sqlite:///{paths.MLFLOW_DB.resolve()}"
+    return f"sqlite:///{paths.store(paths.MLFLOW_DB)}"  # the project's, also from a DVC copy
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -80,35 +85,60 @@ class Run:
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         self._mlflow.log_artifact(str(path), artifact_path=artifact_path)
 
-    def log_onnx_model(
-        self,
-        model_proto,
-        name: str,
-        registered_model: str | None = None,
-        providers: list[str] | None = None,
-    ) -> str | None:
-        """Log an ONNX model (MLflow's onnx flavor, one file) under `name`; when
-        `registered_model` is given, register it as a new version and return that version."""
+    def log_onnx_model(self, model_proto, name: str, providers: list[str] | None = None) -> str:
+        """Log an ONNX model (MLflow's onnx flavor, one file) under `name`; its model URI."""
         import mlflow.onnx
 
         info = mlflow.onnx.log_model(
             model_proto,
             name=name,
             signature=_onnx_signature(model_proto),
-            registered_model_name=registered_model,
             onnx_execution_providers=providers,
             save_as_external_data=False,
         )
-        return str(info.registered_model_version) if registered_model else None
+        return info.model_uri
 
-    def set_model_alias(
-        self, registered_model: str, alias: str, version: str, tags: dict | None = None
-    ) -> None:
-        """Point `alias` (e.g. `champion`) at `version`; `tags` go on that model version."""
+    # ---- the model registry: a version is known by its file's sha256 (a version tag)
+
+    def aliased_version(self, registered_model: str, alias: str) -> dict | None:
+        """{"version": ..., **tags} of the version `alias` points at; None when there is none."""
+        from mlflow.exceptions import MlflowException
+
         client = self._mlflow.MlflowClient()
-        client.set_registered_model_alias(registered_model, alias, version)
-        for key, value in (tags or {}).items():
+        try:
+            version = client.get_model_version_by_alias(registered_model, alias)
+        except MlflowException:  # no such registered model, or no such alias
+            return None
+        return {"version": str(version.version), **version.tags}
+
+    def register_file(self, model_uri: str, registered_model: str, sha256: str) -> str:
+        """The version whose `sha256` tag is `sha256` when there is one, else a new version of
+        `model_uri` tagged with it: a file is registered once, whatever the number of runs."""
+        from mlflow.exceptions import MlflowException
+
+        client = self._mlflow.MlflowClient()
+        try:
+            versions = client.search_model_versions(f"name = '{registered_model}'")
+        except MlflowException:
+            versions = []
+        same = sorted(int(v.version) for v in versions if v.tags.get("sha256") == sha256)
+        if same:
+            return str(same[0])
+        new = self._mlflow.register_model(model_uri, registered_model, tags={"sha256": sha256})
+        return str(new.version)
+
+    def describe_version(
+        self, registered_model: str, version: str, tags: dict, description: str
+    ) -> None:
+        """Set `tags` and the `description` (the model card) of one model version."""
+        client = self._mlflow.MlflowClient()
+        for key, value in tags.items():
             client.set_model_version_tag(registered_model, version, key, str(value))
+        client.update_model_version(registered_model, version, description=description)
+
+    def set_model_alias(self, registered_model: str, alias: str, version: str) -> None:
+        """Point `alias` (e.g. `champion`) at `version`."""
+        self._mlflow.MlflowClient().set_registered_model_alias(registered_model, alias, version)
 
 
 @contextlib.contextmanager
@@ -125,9 +155,10 @@ def stage_run(
     if not params.tracking.enabled:
         yield NullRun()
         return
+    env_uri = os.environ.get("MLFLOW_TRACKING_URI")
+    check_tracking(params)
     import mlflow
 
-    env_uri = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(tracking_uri(params))  # (MLflow also exports it to os.environ)
     try:
         with _start(mlflow, stage, params, dataset_sha256, run_name, nested, resume_run_id) as run:
@@ -141,9 +172,62 @@ def stage_run(
             os.environ["MLFLOW_TRACKING_URI"] = env_uri
 
 
+def check_tracking(params: Params) -> None:
+    """`check_tracking_server` on the URI a stage run would use (nothing when tracking is off):
+    for stages that write before they start their run (prepare, search), so an unreachable
+    server stops them before any work."""
+    if params.tracking.enabled:
+        env_uri = os.environ.get("MLFLOW_TRACKING_URI")
+        check_tracking_server(
+            tracking_uri(params), "MLFLOW_TRACKING_URI" if env_uri else "tracking.uri"
+        )
+
+
+def check_tracking_server(uri: str, key: str, timeout_s: float = 5.0) -> None:
+    """Raise UserError naming `key` when `uri` is not a tracking URI MLflow can open, or names a
+    server (http, https, a database host) that accepts no connection within `timeout_s`.
+
+    Without this probe MLflow retries an unreachable server for minutes, printing nothing."""
+    import socket
+    from urllib.parse import urlsplit
+
+    check_tracking_uri(uri, key)
+    parts = urlsplit(uri)
+    scheme = parts.scheme.split("+")[0]
+    if scheme not in _DEFAULT_PORTS or not parts.hostname:
+        return
+    try:
+        if scheme in ("http", "https"):  # any HTTP answer will do, even an error status
+            _http_answers(uri.rstrip("/") + "/health", timeout_s)
+        else:
+            port = parts.port or _DEFAULT_PORTS[scheme]
+            socket.create_connection((parts.hostname, port), timeout=timeout_s).close()
+    except (OSError, ValueError) as err:
+        reason = " ".join(str(getattr(err, "reason", err)).split()) or type(err).__name__
+        raise UserError(
+            f"{key}: got {uri!r}; no tracking server answers there ({reason}); start it, fix "
+            f"the URI, or set tracking.enabled: false"
+        ) from None
+
+
+_DEFAULT_PORTS = {"http": 80, "https": 443, "postgresql": 5432, "mysql": 3306, "mssql": 1433}
+
+
+def _http_answers(url: str, timeout_s: float) -> None:
+    """Return when the server at `url` sends any HTTP response; raise OSError otherwise."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(url, timeout=timeout_s).close()
+    except urllib.error.HTTPError:
+        return
+
+
 @contextlib.contextmanager
 def _start(mlflow, stage, params, dataset_sha256, run_name, nested, resume_run_id):
-    mlflow.set_experiment(params.tracking.experiment)
+    experiment = _open_experiment(mlflow, params.tracking.experiment)
+    end_dead_stage_runs(mlflow.MlflowClient(), experiment.experiment_id, stage, resume_run_id)
     if resume_run_id and not _run_exists(resume_run_id):
         resume_run_id = None
     start = {"run_id": resume_run_id} if resume_run_id else {"run_name": run_name or stage}
@@ -155,9 +239,57 @@ def _start(mlflow, stage, params, dataset_sha256, run_name, nested, resume_run_i
                 "git_commit": git_commit(),
                 "params_hash": params.hash(),
                 "dataset_sha256": dataset_sha256,
+                **_process_tags(),
             }
         )
         yield wrapped
+
+
+def _open_experiment(mlflow, name: str):
+    """`mlflow.set_experiment(name)`; a store that refuses it (a server answering errors, a
+    deleted experiment of that name) is a UserError naming the URI."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        _create_experiment(mlflow, name)
+        return mlflow.set_experiment(name)
+    except MlflowException as err:
+        reason = " ".join(str(err).split())[:200]
+        raise UserError(
+            f"tracking.experiment: {name!r} cannot be opened at {mlflow.get_tracking_uri()!r} "
+            f"({reason})"
+        ) from None
+
+
+# MLflow 3's UI opens an experiment in its model-training view (runs, metrics, models), not the
+# GenAI view (traces), when this experiment tag says so; the UI's own switch sets the same tag.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
+def _create_experiment(mlflow, name: str) -> None:
+    """Create experiment `name` when missing, tagged as a model-training experiment; with a
+    local SQLite store its artifacts go to the project's `mlruns/` (not the working directory,
+    which is a temporary copy in a queued or `--temp` DVC experiment). An existing experiment
+    without the kind tag gets it."""
+    from mlflow.exceptions import MlflowException
+
+    client = mlflow.MlflowClient()
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        missing = EXPERIMENT_KIND.items() - experiment.tags.items()
+        if experiment.lifecycle_stage == "active" and missing:
+            for key, value in missing:
+                client.set_experiment_tag(experiment.experiment_id, key, value)
+        return
+    artifacts = None
+    if mlflow.get_tracking_uri().startswith("sqlite:"):
+        slug = "".join(c if c.isalnum() or c in "._-" else "_" for c in name)
+        artifacts = (paths.store(paths.MLFLOW_ARTIFACTS) / slug).as_uri()
+    try:
+        client.create_experiment(name, artifact_location=artifacts, tags=EXPERIMENT_KIND)
+    except MlflowException:  # created meanwhile by another process (a search worker)
+        if client.get_experiment_by_name(name) is None:
+            raise
 
 
 def _run_exists(run_id: str) -> bool:
@@ -169,6 +301,62 @@ def _run_exists(run_id: str) -> bool:
     except MlflowException:
         return False
     return True
+
+
+# Tags naming the process that owns a stage run, so the next run can tell a dead one (kill -9)
+PID_TAG, HOST_TAG = "process.pid", "process.host"
+
+
+def _process_tags() -> dict:
+    import socket
+
+    return {PID_TAG: os.getpid(), HOST_TAG: socket.gethostname()}
+
+
+def _process_alive(pid: int) -> bool:
+    """True when `pid` runs on this machine (a zombie, killed but not yet reaped, is dead)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state != "Z"
+
+
+def end_dead_stage_runs(client, experiment_id: str, stage: str, keep: str | None = None) -> list:
+    """End as FAILED the RUNNING runs of `stage` whose process died on this machine (a stage
+    killed with kill -9 cannot end its own run); returns their run ids. A run from another host,
+    of a live process, without process tags (older runs) or `keep` (a run being resumed) is
+    left alone."""
+    import socket
+
+    host = socket.gethostname()
+    runs = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.stage = '{stage}' and attributes.status = 'RUNNING'",
+    )
+    ended = []
+    for run in runs:
+        tags = run.data.tags
+        pid = tags.get(PID_TAG, "")
+        if run.info.run_id == keep or tags.get(HOST_TAG) != host or not pid.isdigit():
+            continue
+        if _process_alive(int(pid)):
+            continue
+        client.set_tag(
+            run.info.run_id,
+            "failure",
+            f"process {pid} on {host} ended without closing this run (killed?); "
+            f"found by the next {stage} run",
+        )
+        client.set_terminated(run.info.run_id, status="FAILED")
+        ended.append(run.info.run_id)
+    return ended
 
 
 class ChildRun:

@@ -1,7 +1,8 @@
 """train stage: train the baseline model with `train.*` on the prepared data.
 
 Reads: params.yaml (`seed`, `device`, `model`, `train`, `tracking`), `data/prepared/`.
-Writes: `models/baseline.pt` (checkpoint with arch, config and classes), `metrics/train.json`,
+Writes: `models/baseline.pt` (checkpoint with arch, config and classes), `metrics/train.json`
+(val accuracy), `reports/train.json` (also test accuracy, epochs, seconds, device),
 `plots/train_curve.csv`, `plots/train_curve.png`; one MLflow run with params, per-epoch metrics
 and the plot. Run: `dvc repro train`, `pipeline train` or `python -m pipeline.train`.
 """
@@ -20,9 +21,13 @@ from pipeline.config import Params, TrainConfig, load_params
 from pipeline.data import DeviceData, load_prepared
 from pipeline.engine import EpochCallback, FitResult, evaluate, fit, resolve_device
 from pipeline.errors import StageFailed, stage_entry
-from pipeline.files import write_json
 from pipeline.plots import training_curves, write_csv
+from pipeline.results import write_results
 from pipeline.tracking import stage_run
+
+# metrics/train.json; the rest of the record (status, test accuracy and loss, epochs, parameter
+# count, seconds, images/s, device) goes to reports/train.json
+METRIC_KEYS = ("val_accuracy",)
 
 
 @dataclass
@@ -94,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
         save_checkpoint(
             paths.BASELINE_CKPT, outcome.model, outcome.arch, params, info, outcome.metrics
         )
-        write_json(paths.METRICS_DIR / "train.json", outcome.metrics)
+        write_results("train", outcome.metrics, METRIC_KEYS)
         write_csv(paths.PLOTS_DIR / "train_curve.csv", outcome.fit.history)
         training_curves(
             outcome.fit.history,

@@ -69,6 +69,7 @@ def subprocess_env(extra: dict | None = None) -> dict:
     env = dict(os.environ)
     env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
     env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("DVC_ROOT", None)  # the stages' stores follow it (pipeline.paths.store)
     env["PYTHONUNBUFFERED"] = "1"
     env.update(extra or {})
     return env
@@ -82,6 +83,7 @@ def copy_project(dest: Path) -> Path:
         "data",
         "models",
         "metrics",
+        "reports",
         "plots",
         "mlflow.db",
         "mlruns",

@@ -3,7 +3,7 @@
 `write_compress_outputs(params)` (run in a project folder) trains two tiny models on the
 prepared digits, a "tuned" one and a narrower "pruned" one, saves them as pipeline checkpoints
 and writes the four ONNX files (fp32 with `onnx_tools.export_onnx`, int8 and fp16 with the
-compress stage's `onnx_tools.quantize_int8` / `convert_fp16`) and `metrics/compress.json`, under
+compress stage's `onnx_tools.quantize_int8` / `convert_fp16`) and `reports/compress.json`, under
 the names `pipeline.paths` fixes. `exported_project()` is such a project after one real
 `python -m pipeline.export`, built once per test session and shared by the test modules.
 """
@@ -23,14 +23,10 @@ from pipeline.config import Params, parse_params
 from pipeline.data import DeviceData, load_prepared, prepare, save_prepared
 from pipeline.files import write_json
 from pipeline.train import train_and_evaluate
+from pipeline.variants import NAMES, VARIANTS
 from tests.conftest import TINY_PARAMS, copy_project, run_module, write_params
 
-SOURCES = {
-    "dense_fp32": paths.DENSE_FP32_ONNX,
-    "pruned_fp32": paths.PRUNED_FP32_ONNX,
-    "pruned_int8": paths.PRUNED_INT8_ONNX,
-    "pruned_fp16": paths.PRUNED_FP16_ONNX,
-}
+SOURCES = {v.name: v.source for v in VARIANTS}
 
 
 def _with_widths(params: Params, widths: tuple[int, ...], epochs: int) -> Params:
@@ -68,25 +64,29 @@ def write_compress_outputs(
     info, shape = prepared.info, tuple(prepared.info["shape"])
     variants = []
     for name, ckpt, w in (
-        ("dense_fp32", paths.TUNED_CKPT, widths),
+        ("fp32", paths.TUNED_CKPT, widths),
         ("pruned_fp32", paths.PRUNED_CKPT, pruned_widths),
     ):
         p = _with_widths(params, w, epochs)
         outcome = train_and_evaluate(p, data, description=name)
         save_checkpoint(ckpt, outcome.model, arch_spec(p, info), p, info, outcome.metrics)
-        onnx_tools.export_onnx(outcome.model, SOURCES[name], shape)
+        onnx_tools.export_onnx(
+            outcome.model, SOURCES[name], shape, mean=info["mean"], std=info["std"]
+        )
         n_params = sum(t.numel() for t in outcome.model.parameters())
         accuracies = {s: outcome.metrics[f"{s}_accuracy"] for s in ("val", "test")}
         variants.append(_variant(name, accuracies, n_params))
-    calibration = data.x["train"][:128].numpy()
+    calibration = onnx_tools.pixels_nhwc(data.images["train"][:128])  # what the models take
     onnx_tools.quantize_int8(paths.PRUNED_FP32_ONNX, paths.PRUNED_INT8_ONNX, calibration)
     onnx_tools.convert_fp16(paths.PRUNED_FP32_ONNX, paths.PRUNED_FP16_ONNX)
-    for name in ("pruned_int8", "pruned_fp16"):
+    for name in ("int8", "fp16"):
         session, _ = onnx_tools.make_session(SOURCES[name], "cpu")
         accuracies = {
             s: float(
                 (
-                    onnx_tools.run_logits(session, data.x[s].numpy()).argmax(1)
+                    onnx_tools.run_logits(session, onnx_tools.pixels_nhwc(data.images[s])).argmax(
+                        1
+                    )
                     == data.y[s].numpy()
                 ).mean()
             )
@@ -94,12 +94,22 @@ def write_compress_outputs(
         }
         variants.append(_variant(name, accuracies, variants[1]["params"]))
     metrics = {f"{v['name']}_val_accuracy": v["val_accuracy"] for v in variants}
+    dense, pruned = variants[0], variants[1]
+    metrics |= {
+        "prune_ratio": 0.5,
+        "prune_ratio_requested": 0.5,
+        "max_accuracy_drop": 0.01,
+        "macs_before": dense["macs"],
+        "macs_after": pruned["macs"],
+        "params_before": dense["params"],
+        "params_after": pruned["params"],
+    }
     metrics["variants"] = variants
-    write_json(paths.METRICS_DIR / "compress.json", metrics)
+    write_json(paths.report_file("compress"), metrics)  # what export reads
     return metrics
 
 
-VARIANT_NAMES = ["fp32", "pruned_fp32", "int8", "fp16"]
+VARIANT_NAMES = list(NAMES)
 _PROJECT: dict[str, object] = {}
 
 

@@ -2,6 +2,8 @@
 
 `linear_classifier(path, ...)` writes `logits = flatten(x) @ weight + bias` with the pipeline's
 metadata, in milliseconds (no torch export, no training), so tests know every logit exactly.
+Like every exported model it takes uint8 NHWC pixels: `x` is the output of the pipeline's own
+`onnx_tools.add_preprocessing` (/255, (x - mean) / std, NCHW), flattened in C, H, W order.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from pipeline import onnx_tools
+from pipeline.inference import METADATA_FORMAT
 
 
 def linear_classifier(
@@ -27,11 +30,14 @@ def linear_classifier(
     metadata: dict | None = None,
     drop: tuple[str, ...] = (),
     graph_input_shape=None,
+    preprocess: bool = True,
 ) -> Path:
     """Write the model to `path` and return it.
 
     `metadata` overrides (or adds) metadata keys, `drop` removes some; `graph_input_shape`
-    gives the graph's input another (C, H, W) than the metadata's, for mismatch tests.
+    gives the graph's input another (C, H, W) than the metadata's, for mismatch tests (the
+    graph then takes that shape as H x W x C pixels; a shape that is not (C, H, W) stays a
+    float input). `preprocess=False`: a graph of the old format, normalised float NCHW input.
     """
     channels, height, width = input_shape
     graph_shape = graph_input_shape or input_shape
@@ -62,12 +68,22 @@ def linear_classifier(
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 9  # what every ONNX Runtime of the last years reads
+    mean = [0.0] * channels if mean is None else list(mean)
+    std = [1.0] * channels if std is None else list(std)
+    if preprocess and len(graph_shape) == 3:
+        graph_channels = graph_shape[0]
+        onnx_tools.add_preprocessing(
+            model,
+            (mean * graph_channels)[:graph_channels],
+            (std * graph_channels)[:graph_channels],
+        )
     meta = {
+        "format": METADATA_FORMAT if preprocess else "pipeline.onnx/1",
         "classes": list(classes),
-        "mean": [0.0] * channels if mean is None else list(mean),
-        "std": [1.0] * channels if std is None else list(std),
+        "mean": mean,
+        "std": std,
         "input_shape": [channels, height, width],
-        "input_layout": "NCHW",
+        "input_layout": "NHWC" if preprocess else "NCHW",
         "variant": "linear",
     }
     meta |= metadata or {}

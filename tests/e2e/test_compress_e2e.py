@@ -8,19 +8,20 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
-from pipeline import onnx_tools
+from pipeline import onnx_tools, paths
 from pipeline.checkpoint import load_checkpoint
 from pipeline.data import load_prepared
+from pipeline.variants import NAMES
 
 pytestmark = pytest.mark.slow
 
-ONNX_FILES = ["dense_fp32.onnx", "pruned_fp32.onnx", "pruned_int8.onnx", "pruned_fp16.onnx"]
+ONNX_FILES = [f"model_{name}.onnx" for name in NAMES]
 
 
 def test_compress_stage_wrote_every_variant_and_judged_it(e2e_project):
     project, output = e2e_project
     assert "Running stage 'compress'" in output
-    m = json.loads((project / "metrics" / "compress.json").read_text())
+    m = json.loads((project / "reports" / "compress.json").read_text())
     assert m["macs_before"] > m["macs_after"] > 0 and m["params_before"] > m["params_after"] > 0
     attempts, budget = m["attempts"], m["max_accuracy_drop"]
     assert attempts[0]["ratio"] == m["prune_ratio_requested"] == 0.5
@@ -52,7 +53,7 @@ def test_compress_stage_wrote_every_variant_and_judged_it(e2e_project):
         assert path.name in ONNX_FILES and path.stat().st_size == v["size_bytes"]
         assert v["accepted"] == (v["val_difference"]["difference"] >= -budget)
         assert v["reason"] and 0.8 < v["test_accuracy"] <= 1
-    assert [v["name"] for v in m["variants"]] == [f.removesuffix(".onnx") for f in ONNX_FILES]
+    assert [v["name"] for v in m["variants"]] == list(NAMES)
     assert m["int8_agreement"] >= 0.99 and m["fp16_agreement"] >= 0.99
     rows = (project / "plots" / "compression.csv").read_text().splitlines()
     assert len(rows) == 1 + 4
@@ -61,6 +62,7 @@ def test_compress_stage_wrote_every_variant_and_judged_it(e2e_project):
     assert {o["path"] for o in lock["outs"]} == {
         "models/compressed",
         "metrics/compress.json",
+        "reports/compress.json",
         "plots/compression.csv",
         "plots/compression.png",
     }
@@ -72,15 +74,17 @@ def test_pruned_checkpoint_matches_its_onnx_file(e2e_project):
     blob = torch.load(project / "models/compressed/pruned.pt", weights_only=True)
     assert blob["arch"]["pruned"]["layers"]  # narrower than the tuned model
     model, _ = load_checkpoint(project / "models/compressed/pruned.pt")
-    x = load_prepared(project / "data" / "prepared").splits["test"][0][:64]
+    images = load_prepared(project / "data" / "prepared").splits["test"][0][:64]
     norm = blob["normalization"]
-    x = (x.float() / 255 - torch.tensor(norm["mean"]).view(1, -1, 1, 1)) / torch.tensor(
+    x = (images.float() / 255 - torch.tensor(norm["mean"]).view(1, -1, 1, 1)) / torch.tensor(
         norm["std"]
     ).view(1, -1, 1, 1)
-    session, _ = onnx_tools.make_session(project / "models/compressed/pruned_fp32.onnx", "cpu")
+    session, _ = onnx_tools.make_session(project / paths.PRUNED_FP32_ONNX, "cpu")
     with torch.no_grad():
         expected = model(x).numpy()
-    assert np.abs(onnx_tools.run_logits(session, x.numpy()) - expected).max() < 1e-4
+    # the file takes the uint8 pixels and normalises them itself
+    logits = onnx_tools.run_logits(session, onnx_tools.pixels_nhwc(images))
+    assert np.abs(logits - expected).max() < 1e-4
 
 
 def test_compress_mlflow_run_has_variants_and_onnx_artifacts(e2e_project):
@@ -88,8 +92,8 @@ def test_compress_mlflow_run_has_variants_and_onnx_artifacts(e2e_project):
     client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("tests")
     (run,) = client.search_runs([experiment.experiment_id], "tags.stage = 'compress'")
-    m = json.loads((project / "metrics" / "compress.json").read_text())
-    for short in ("tuned", "pruned", "int8", "fp16"):
+    m = json.loads((project / "reports" / "compress.json").read_text())
+    for short in NAMES:
         for key in (f"{short}_val_accuracy", f"{short}_test_accuracy"):
             assert run.data.metrics[key] == pytest.approx(m[key])
     assert run.data.params["compress.prune_steps"] == "1"

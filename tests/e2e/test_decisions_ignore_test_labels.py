@@ -13,9 +13,9 @@ Compress and export run again; the pruned widths, every ratio tried, every `acce
 the recommendation must be identical, and only the reported test numbers may change.
 
 The recommendation also reads measured latency, which differs between any two runs by timer
-noise alone. `export.recommend` is a pure function of the accepted flags, sizes and latencies,
-so the second run's entries are judged with the first run's latencies: what remains can differ
-only through what the test labels changed.
+noise alone. `champion.recommend` is a pure function of the accepted flags, sizes and latencies
+(with their spread), so the second run's entries are judged with the first run's latencies:
+what remains can differ only through what the test labels changed.
 """
 
 from __future__ import annotations
@@ -27,10 +27,11 @@ import shutil
 import pytest
 import torch
 
-from pipeline import export, paths
+from pipeline import champion, paths
 from pipeline.checkpoint import load_checkpoint
 from pipeline.data import SPLITS, DeviceData, _tensor_sha256, load_prepared, save_prepared
 from pipeline.engine import predict_logits
+from pipeline.variants import NAMES
 from tests.conftest import copy_project, run_module, write_params
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -52,7 +53,7 @@ PARAMS = {
     },
     "export": {"warmup_runs": 2, "latency_runs": 20},
 }
-SHORT = ("tuned", "pruned", "int8", "fp16")
+SHORT = NAMES  # fp32 (the tuned model), pruned_fp32, int8, fp16
 
 
 def _stage(project, module: str) -> None:
@@ -64,7 +65,7 @@ def _outcome(project) -> dict:
     """What a run decided and reported: compress.json, the manifest, the pruned widths."""
     blob = torch.load(project / paths.PRUNED_CKPT, weights_only=True)
     return {
-        "compress": json.loads((project / "metrics" / "compress.json").read_text()),
+        "compress": json.loads((project / "reports" / "compress.json").read_text()),
         "manifest": json.loads((project / paths.EXPORT_MANIFEST).read_text()),
         "widths": blob["arch"]["pruned"],
     }
@@ -91,9 +92,10 @@ def _label_test_split_with_tuned_predictions(project) -> None:
 
 
 def _recommend_timed_as(entries: list[dict], timed: list[dict]) -> str:
-    """`export.recommend` on `entries` with the batch-1 latencies measured in `timed`."""
-    p50 = {e["name"]: e["latency_ms_p50_b1"] for e in timed}
-    return export.recommend([e | {"latency_ms_p50_b1": p50[e["name"]]} for e in entries])
+    """`champion.recommend` on `entries` with the batch-1 latencies measured in `timed`."""
+    keys = ("latency_ms_p50_b1", "latency_spread_ms")
+    latency = {e["name"]: {k: e[k] for k in keys} for e in timed}
+    return champion.recommend([e | latency[e["name"]] for e in entries])
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +144,7 @@ def test_only_the_reported_test_numbers_change(runs):
     assert [v["val_difference"] for v in after["variants"]] == [
         v["val_difference"] for v in before["variants"]
     ]
-    assert before["tuned_test_accuracy"] < after["tuned_test_accuracy"] == 1.0
+    assert before["fp32_test_accuracy"] < after["fp32_test_accuracy"] == 1.0
     manifest = {e["name"]: e for e in relabelled["manifest"]["variants"]}
     assert manifest["fp32"]["test_accuracy"] == 1.0
     for e in real["manifest"]["variants"]:
@@ -160,7 +162,7 @@ def test_a_guard_that_read_the_test_split_would_have_decided_differently(runs):
         short
         for short in SHORT[1:]
         if before[f"{short}_accepted"]
-        and before["tuned_test_accuracy"] - before[f"{short}_test_accuracy"] <= BUDGET
-        and after["tuned_test_accuracy"] - after[f"{short}_test_accuracy"] > BUDGET
+        and before["fp32_test_accuracy"] - before[f"{short}_test_accuracy"] <= BUDGET
+        and after["fp32_test_accuracy"] - after[f"{short}_test_accuracy"] > BUDGET
     ]
     assert flips, "no variant would flip: retune PARAMS, or the first test proves nothing"

@@ -12,7 +12,7 @@ pytestmark = pytest.mark.slow
 def test_stages_ran_and_metrics_are_sane(e2e_project):
     project, output = e2e_project
     assert "Running stage 'prepare'" in output and "Running stage 'train'" in output
-    metrics = json.loads((project / "metrics" / "train.json").read_text())
+    metrics = json.loads((project / "reports" / "train.json").read_text())
     assert metrics["status"] == "ok"
     assert metrics["epochs"] == 4
     assert 0.8 < metrics["test_accuracy"] <= 1.0
@@ -41,7 +41,7 @@ def test_mlflow_run_holds_params_and_per_epoch_metrics(e2e_project):
     assert len(run.data.tags["dataset_sha256"]) == 64
     history = client.get_metric_history(run.info.run_id, "val_accuracy")
     assert sorted(m.step for m in history) == [1, 2, 3, 4]
-    metrics = json.loads((project / "metrics" / "train.json").read_text())
+    metrics = json.loads((project / "reports" / "train.json").read_text())
     assert run.data.metrics["test_accuracy"] == pytest.approx(metrics["test_accuracy"])
     artifacts = [a.path for a in client.list_artifacts(run.info.run_id, "plots")]
     assert artifacts == ["plots/train_curve.png"]

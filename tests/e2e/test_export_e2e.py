@@ -13,11 +13,12 @@ from PIL import Image
 
 from pipeline import onnx_tools
 from pipeline.files import sha256_file
+from pipeline.variants import NAMES
 from tests.conftest import VENV_BIN, subprocess_env
 
 pytestmark = pytest.mark.slow
 
-VARIANT_NAMES = ["fp32", "pruned_fp32", "int8", "fp16"]
+VARIANT_NAMES = list(NAMES)
 
 
 def _manifest(project) -> dict:
@@ -30,7 +31,7 @@ def test_every_manifest_variant_loads_and_matches_its_hash(e2e_project):
     manifest = _manifest(project)
     assert [e["name"] for e in manifest["variants"]] == VARIANT_NAMES
     assert sum(e["recommended"] for e in manifest["variants"]) == 1
-    x = np.zeros((3, 1, 8, 8), np.float32)
+    x = np.zeros((3, 8, 8, 1), np.uint8)  # uint8 pixels, N x H x W x C
     for entry in manifest["variants"]:
         path = project / entry["path"]
         assert sha256_file(path) == entry["sha256"] and path.stat().st_size == entry["size_bytes"]
@@ -38,11 +39,11 @@ def test_every_manifest_variant_loads_and_matches_its_hash(e2e_project):
         assert provider == "CPUExecutionProvider"
         assert onnx_tools.run_logits(session, x).shape == (3, 10)  # dynamic batch
         assert entry["parity"]["passed"] and entry["latency_ms_p50_b1"] > 0
-    metrics = json.loads((project / "metrics" / "export.json").read_text())
+    metrics = json.loads((project / "reports" / "export.json").read_text())
     assert metrics["recommended"] == manifest["recommended"]
     if not torch.cuda.is_available():
         assert metrics["gpu"] == "not available"
-    compress = json.loads((project / "metrics" / "compress.json").read_text())
+    compress = json.loads((project / "reports" / "compress.json").read_text())
     by_name = {e["name"]: e for e in manifest["variants"]}
     # the same files, the same runtime, the same val images as the compress stage judged
     assert by_name["int8"]["val_accuracy"] == pytest.approx(compress["int8_val_accuracy"])

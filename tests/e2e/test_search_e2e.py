@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow
 def test_search_outputs_agree_with_the_study(e2e_project):
     project, output = e2e_project
     assert "Running stage 'search'" in output
-    metrics = json.loads((project / "metrics" / "search.json").read_text())
+    metrics = json.loads((project / "reports" / "search.json").read_text())
     assert metrics["n_complete"] + metrics["n_pruned"] == 6
     storage = f"sqlite:///{project / 'studies' / 'optuna.db'}"
     study = optuna.load_study(study_name=metrics["study_name"], storage=storage)
@@ -31,7 +31,7 @@ def test_search_outputs_agree_with_the_study(e2e_project):
     rows = list(csv.DictReader((project / "studies" / "trials.csv").open()))
     assert [int(r["number"]) for r in rows] == [t.number for t in study.trials]
     assert [r["state"] for r in rows] == [t.state.name for t in study.trials]
-    baseline = json.loads((project / "metrics" / "train.json").read_text())
+    baseline = json.loads((project / "reports" / "train.json").read_text())
     assert metrics["baseline_test_accuracy"] == baseline["test_accuracy"]
     assert metrics["baseline_val_accuracy"] == baseline["val_accuracy"]
     blob = torch.load(project / "models" / "tuned.pt", weights_only=True)

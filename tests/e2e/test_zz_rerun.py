@@ -21,7 +21,7 @@ def test_second_repro_runs_nothing_and_a_param_change_reruns_train_only(e2e_proj
     write_params(project, params)
     output = dvc(project, "repro")
     assert "Running stage 'train'" in output and "Running stage 'prepare'" not in output
-    assert json.loads((project / "metrics" / "train.json").read_text())["epochs"] == 2
+    assert json.loads((project / "reports" / "train.json").read_text())["epochs"] == 2
 
 
 def test_more_trials_reruns_search_only_and_runs_only_the_missing_trials(e2e_project):
@@ -30,7 +30,7 @@ def test_more_trials_reruns_search_only_and_runs_only_the_missing_trials(e2e_pro
     project, _ = e2e_project
     storage = f"sqlite:///{project / 'studies' / 'optuna.db'}"
     params = yaml.safe_load((project / "params.yaml").read_text())
-    name = json.loads((project / "metrics" / "search.json").read_text())["study_name"]
+    name = json.loads((project / "reports" / "search.json").read_text())["study_name"]
     before = [t.params for t in optuna.load_study(study_name=name, storage=storage).trials]
     params["search"]["n_trials"] = params["search"]["n_trials"] + 2
     write_params(project, params)
@@ -39,5 +39,5 @@ def test_more_trials_reruns_search_only_and_runs_only_the_missing_trials(e2e_pro
     after = optuna.load_study(study_name=name, storage=storage).trials
     assert len(after) == len(before) + 2
     assert [t.params for t in after[: len(before)]] == before
-    metrics = json.loads((project / "metrics" / "search.json").read_text())
+    metrics = json.loads((project / "reports" / "search.json").read_text())
     assert metrics["n_complete"] + metrics["n_pruned"] == params["search"]["n_trials"]

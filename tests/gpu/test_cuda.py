@@ -72,14 +72,15 @@ def test_cuda_and_cpu_reach_similar_accuracy(digits):
 def test_onnx_providers_follow_what_really_runs(tmp_path, digits):
     import onnxruntime as ort
 
-    from pipeline.onnx_tools import export_onnx, make_session, providers, run_logits
+    from pipeline.onnx_tools import export_onnx, make_session, pixels_nhwc, providers, run_logits
 
     params = parse_params({"train": {"epochs": 1}})
     data = DeviceData(digits, torch.device("cuda"), channels_last=True)
     model = build_model(arch_spec(params, data.info))
     fit(model, data, dataclasses.replace(params.train, epochs=1), progress=False)
     path = tmp_path / "m.onnx"
-    export_onnx(model, path, tuple(data.info["shape"]))
+    info = data.info
+    export_onnx(model, path, tuple(info["shape"]), mean=info["mean"], std=info["std"])
     session, provider = make_session(path, "auto")
     if "CUDAExecutionProvider" in ort.get_available_providers():
         assert providers("auto")[0] == "CUDAExecutionProvider"
@@ -87,9 +88,9 @@ def test_onnx_providers_follow_what_really_runs(tmp_path, digits):
     else:  # a CPU build of ONNX Runtime on a GPU machine: CPU, and said so
         assert providers("auto") == ["CPUExecutionProvider"]
         assert provider == "CPUExecutionProvider"
-    x = data.x["test"][:64].float().cpu().contiguous().numpy()
-    ort_top1 = run_logits(session, x).argmax(1)
-    torch_top1 = predict_logits(model.cpu().float(), torch.from_numpy(x), amp=False).argmax(1)
+    x = data.x["test"][:64].float().cpu().contiguous()  # normalised: what the model reads
+    ort_top1 = run_logits(session, pixels_nhwc(data.images["test"][:64])).argmax(1)
+    torch_top1 = predict_logits(model.cpu().float(), x, amp=False).argmax(1)
     assert (ort_top1 == torch_top1.numpy()).mean() >= 0.99
 
 

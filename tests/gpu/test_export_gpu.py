@@ -16,7 +16,7 @@ from pipeline.config import parse_params
 from pipeline.data import DeviceData, prepare
 from pipeline.engine import fit
 from pipeline.export_checks import gpu_check, gpu_status
-from pipeline.inference import OnnxClassifier
+from pipeline.inference import METADATA_FORMAT, OnnxClassifier
 
 pytestmark = pytest.mark.gpu
 CUDA = "CUDAExecutionProvider"
@@ -48,12 +48,15 @@ def exported(tmp_path_factory):
         "mean": info["mean"],
         "std": info["std"],
         "input_shape": info["shape"],
-        "input_layout": "NCHW",
+        "input_layout": "NHWC",
+        "format": METADATA_FORMAT,
     }
     folder = tmp_path_factory.mktemp("gpu_export")
     fp32 = folder / "model_fp32.onnx"
-    onnx_tools.export_onnx(model, fp32, tuple(info["shape"]), metadata)
-    onnx_tools.quantize_int8(fp32, folder / "model_int8.onnx", data.x["train"][:128].numpy())
+    stats = {"mean": info["mean"], "std": info["std"]}
+    onnx_tools.export_onnx(model, fp32, tuple(info["shape"]), metadata, **stats)
+    calibration = onnx_tools.pixels_nhwc(data.images["train"][:128])
+    onnx_tools.quantize_int8(fp32, folder / "model_int8.onnx", calibration)
     onnx_tools.convert_fp16(fp32, folder / "model_fp16.onnx")
     return folder, model, data
 
@@ -67,7 +70,7 @@ def test_cpu_onnxruntime_on_a_gpu_machine_falls_back_and_says_why(exported):
     with pytest.warns(UserWarning, match="using the CPU"):
         clf = OnnxClassifier(folder / "model_fp32.onnx", device="cuda")
     assert clf.provider == "CPUExecutionProvider"
-    logits = onnx_tools.run_logits(clf.session, data.x["test"].numpy())
+    logits = onnx_tools.run_logits(clf.session, onnx_tools.pixels_nhwc(data.images["test"]))
     assert (logits.argmax(1) == data.y["test"].numpy()).mean() >= 0.9
     with pytest.raises(Exception, match="require_gpu"):
         gpu_status(parse_params({"device": "auto", "export": {"require_gpu": True}}))
@@ -89,7 +92,7 @@ def test_classifier_runs_on_cuda_and_agrees_with_the_cpu(exported, variant):
     gpu = OnnxClassifier(path, device="cuda")
     cpu = OnnxClassifier(path, device="cpu")
     assert gpu.provider == CUDA and cpu.provider == "CPUExecutionProvider"
-    x = data.x["test"].numpy()
+    x = onnx_tools.pixels_nhwc(data.images["test"])  # uint8 pixels: the graph normalises
     gpu_logits = onnx_tools.run_logits(gpu.session, x)
     cpu_logits = onnx_tools.run_logits(cpu.session, x)
     agreement = (gpu_logits.argmax(1) == cpu_logits.argmax(1)).mean()
@@ -130,6 +133,7 @@ def test_export_run_checks_every_variant_on_the_gpu_and_times_it_there(exported)
         {paths.TUNED_CKPT: model, paths.PRUNED_CKPT: model},
         sources,
         entries,
+        {split: onnx_tools.pixels_nhwc(data.images[split]) for split in ("val", "test")},
     )
     params = parse_params({"device": "auto", "export": {"latency_runs": 10, "warmup_runs": 2}})
     result = export.run(params, inputs)

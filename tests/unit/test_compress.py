@@ -11,7 +11,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from torch import nn
 
-from pipeline import compress, onnx_tools
+from pipeline import compress, onnx_tools, onnx_variants, paths, ratio_search
 from pipeline.checkpoint import (
     arch_spec,
     build_model,
@@ -23,6 +23,7 @@ from pipeline.data import DeviceData, prepare, save_prepared
 from pipeline.engine import correct_per_image, fit, predict_logits
 from pipeline.errors import ConfigError
 from pipeline.stats import paired_difference
+from pipeline.variants import NAMES, VARIANTS
 from tests.conftest import write_params
 
 
@@ -65,21 +66,21 @@ def _attempt(ok_up_to: float):
 
     def attempt(ratio):
         diff = _difference(0, round(100 * ratio))
-        return compress.PruneAttempt(ratio, 1 - ratio, diff, 100, 10, ratio <= ok_up_to, "ok")
+        return ratio_search.PruneAttempt(ratio, 1 - ratio, diff, 100, 10, ratio <= ok_up_to, "ok")
 
     return attempt
 
 
 def test_backoff_bisects_to_the_largest_ratio_within_budget():
-    chosen, tried = compress.search_ratio(0.8, 4, _attempt(0.3))
+    chosen, tried = ratio_search.search_ratio(0.8, 4, _attempt(0.3))
     assert [a.ratio for a in tried] == [0.8, 0.4, 0.2, 0.3, 0.35]
     assert chosen.ratio == 0.3 and chosen.within_budget
-    chosen, tried = compress.search_ratio(0.5, 4, _attempt(0.9))
+    chosen, tried = ratio_search.search_ratio(0.5, 4, _attempt(0.9))
     assert [a.ratio for a in tried] == [0.5] and chosen.ratio == 0.5
-    chosen, tried = compress.search_ratio(0.8, 2, _attempt(0.01))
+    chosen, tried = ratio_search.search_ratio(0.8, 2, _attempt(0.01))
     assert [a.ratio for a in tried] == [0.8, 0.4, 0.2]
     assert not chosen.within_budget and chosen.ratio == 0.2  # the most accurate tried
-    chosen, tried = compress.search_ratio(0.8, 0, _attempt(0.01))
+    chosen, tried = ratio_search.search_ratio(0.8, 0, _attempt(0.01))
     assert len(tried) == 1 and not chosen.within_budget
 
 
@@ -88,9 +89,9 @@ def test_with_no_ratio_within_budget_the_most_accurate_on_val_is_kept():
 
     def attempt(ratio):
         diff = _difference(0, 50)
-        return compress.PruneAttempt(ratio, val_accuracy[ratio], diff, 100, 10, False, "ok")
+        return ratio_search.PruneAttempt(ratio, val_accuracy[ratio], diff, 100, 10, False, "ok")
 
-    chosen, tried = compress.search_ratio(0.8, 2, attempt)
+    chosen, tried = ratio_search.search_ratio(0.8, 2, attempt)
     assert [a.ratio for a in tried] == [0.8, 0.4, 0.2]
     assert chosen.ratio == 0.4 and not chosen.within_budget
 
@@ -102,9 +103,9 @@ def test_ratios_that_round_to_the_same_widths_are_fine_tuned_once():
     def attempt(ratio):
         calls.append(ratio)
         diff = _difference(0, 0)
-        return compress.PruneAttempt(ratio, 0.9, diff, 100, 10, False, "ok", 3.0)
+        return ratio_search.PruneAttempt(ratio, 0.9, diff, 100, 10, False, "ok", 3.0)
 
-    cached = compress.reuse_equal_widths(attempt, widths)
+    cached = ratio_search.reuse_equal_widths(attempt, widths)
     first, again, other = cached(0.5), cached(0.3), cached(0.25)
     assert calls == [0.5, 0.25]
     assert again.ratio == 0.3 and again.same_widths_as == 0.5 and again.finetune_seconds == 0
@@ -113,14 +114,14 @@ def test_ratios_that_round_to_the_same_widths_are_fine_tuned_once():
 
 def test_judge_allows_exactly_the_budget_on_the_point_estimate():
     # 270 val images: one image is 0.37 points; a 1-point budget allows 2 images lost, not 3
-    assert compress.judge(_difference(0, 2), 0.01)[0]
-    accepted, reason = compress.judge(_difference(0, 3), 0.01)
+    assert ratio_search.judge(_difference(0, 2), 0.01)[0]
+    accepted, reason = ratio_search.judge(_difference(0, 3), 0.01)
     assert not accepted
     assert "loses 1.11 points" in reason and "max_accuracy_drop allows 1.00" in reason
     assert "3 of 270 images disagree" in reason
-    assert compress.judge(_difference(4, 4), 0.0)[0]  # no loss: within a zero budget too
-    assert not compress.judge(_difference(4, 5), 0.0)[0]
-    assert compress.judge(_difference(5, 0), 0.0)[0]
+    assert ratio_search.judge(_difference(4, 4), 0.0)[0]  # no loss: within a zero budget too
+    assert not ratio_search.judge(_difference(4, 5), 0.0)[0]
+    assert ratio_search.judge(_difference(5, 0), 0.0)[0]
 
 
 def test_judge_reads_the_point_estimate_not_the_interval_bound():
@@ -128,10 +129,10 @@ def test_judge_reads_the_point_estimate_not_the_interval_bound():
     beyond a 1-point budget, yet nothing is lost; the guard keeps the candidate."""
     tie = _difference(4, 4)
     assert tie.difference == 0 and tie.low < -0.01
-    accepted, reason = compress.judge(tie, 0.01)
+    accepted, reason = ratio_search.judge(tie, 0.01)
     assert accepted and "within budget" in reason and "8 of 270 images disagree" in reason
     better_on_average = _difference(6, 5)  # +1 image, interval far below -1 point
-    assert better_on_average.low < -0.01 and compress.judge(better_on_average, 0.01)[0]
+    assert better_on_average.low < -0.01 and ratio_search.judge(better_on_average, 0.01)[0]
 
 
 @pytest.mark.parametrize(
@@ -177,7 +178,15 @@ def test_a_checkpoint_without_a_config_falls_back_to_params_yaml_too(blob):
 @pytest.fixture(scope="module")
 def fp32_model(trained, data, tmp_path_factory):
     path = tmp_path_factory.mktemp("onnx") / "fp32.onnx"
-    onnx_tools.export_onnx(trained[1], path, (1, 8, 8), {"classes": list("0123456789")})
+    info = data.info
+    onnx_tools.export_onnx(
+        trained[1],
+        path,
+        (1, 8, 8),
+        {"classes": list("0123456789")},
+        mean=info["mean"],
+        std=info["std"],
+    )
     return path
 
 
@@ -189,9 +198,9 @@ def _top1(path, x):
 @pytest.mark.integration
 @pytest.mark.parametrize("method", ["minmax", "entropy", "percentile"])
 def test_int8_is_qdq_quint8_per_channel_and_agrees_with_fp32(method, fp32_model, data, tmp_path):
-    x = compress._numpy(data.x["test"])
-    calibration = compress.calibration_images(data, 64, seed=0)
-    assert calibration.shape == (64, 1, 8, 8)
+    x = onnx_tools.pixels_nhwc(data.images["test"])
+    calibration = onnx_variants.calibration_images(data, 64, seed=0)
+    assert calibration.shape == (64, 8, 8, 1) and calibration.dtype == np.uint8  # pixels
     int8_path = tmp_path / "int8.onnx"
     proto = onnx_tools.quantize_int8(fp32_model, int8_path, calibration, method, metadata={"v": 1})
     agreement = (_top1(int8_path, x) == _top1(fp32_model, x)).mean()
@@ -218,6 +227,12 @@ def test_int8_is_qdq_quint8_per_channel_and_agrees_with_fp32(method, fp32_model,
     assert any(s.size > 1 for s in weight_scales)  # per-channel weight scales
     meta = onnx_tools.read_metadata(int8_path)
     assert json.loads(meta["classes"]) == list("0123456789") and meta["v"] == "1"
+    # the uint8 input and the float preprocessing in front of the first QDQ are kept
+    assert proto.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    preprocessing = [n for n in proto.graph.node if n.name.startswith("preprocess/")]
+    assert [n.op_type for n in preprocessing] == ["Transpose", "Cast", "Div", "Sub", "Div"]
+    dequantized = {n.output[0] for n in proto.graph.node if n.op_type == "DequantizeLinear"}
+    assert not any(set(n.input) & dequantized for n in preprocessing)
 
 
 def _weight_bytes(proto) -> int:
@@ -225,14 +240,13 @@ def _weight_bytes(proto) -> int:
 
 
 @pytest.mark.integration
-def test_fp16_keeps_float32_io_and_agrees_with_fp32(fp32_model, data, tmp_path):
-    x = compress._numpy(data.x["test"])
+def test_fp16_keeps_uint8_input_float32_logits_and_agrees_with_fp32(fp32_model, data, tmp_path):
+    x = onnx_tools.pixels_nhwc(data.images["test"])
     path = tmp_path / "fp16.onnx"
     proto = onnx_tools.convert_fp16(fp32_model, path, metadata={"variant": "fp16"})
     onnx.checker.check_model(onnx.load(str(path)), full_check=True)
-    float32 = onnx.TensorProto.FLOAT
-    assert proto.graph.input[0].type.tensor_type.elem_type == float32
-    assert proto.graph.output[0].type.tensor_type.elem_type == float32
+    assert proto.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    assert proto.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
     weights = [i for i in proto.graph.initializer if len(i.dims) == 4]
     assert weights and all(w.data_type == onnx.TensorProto.FLOAT16 for w in weights)
     assert (_top1(path, x) == _top1(fp32_model, x)).mean() >= 0.99
@@ -264,14 +278,18 @@ def test_guard_rejects_every_over_budget_variant_and_says_why(trained, data, tmp
     assert [a["ratio"] for a in m["attempts"]] == [0.95, 0.475]
     assert not any(a["within_budget"] for a in m["attempts"])
     variants = {v["name"]: v for v in m["variants"]}
-    assert set(variants) == set(compress.VARIANT_FILES)
-    assert variants["dense_fp32"]["accepted"] is True
-    for name in ("pruned_fp32", "pruned_int8", "pruned_fp16"):  # 95 % of channels, no fine-tune
+    assert list(variants) == list(NAMES)
+    assert variants["fp32"]["accepted"] is True
+    for name in ("pruned_fp32", "int8", "fp16"):  # 95 % of channels, no fine-tune
         v = variants[name]
         assert v["accepted"] is False and v["val_accuracy"] < 0.5, v
         assert v["val_difference"]["difference"] < -0.4 and v["val_difference"]["n_images"] == 270
         assert "loses" in v["reason"] and "max_accuracy_drop allows 0.00" in v["reason"]
-    assert (m["pruned_accepted"], m["int8_accepted"], m["tuned_accepted"]) == (False, False, True)
+    assert (m["pruned_fp32_accepted"], m["int8_accepted"], m["fp32_accepted"]) == (
+        False,
+        False,
+        True,
+    )
     assert (
         "no pruning ratio tried was within budget (0.95 -> val "
         in (variants["pruned_fp32"]["reason"])
@@ -300,7 +318,7 @@ def test_an_over_budget_pruned_model_makes_the_stage_bisect_the_ratio(trained, d
     m = outcome.metrics
     tried = [(a["ratio"], a["within_budget"]) for a in m["attempts"]]
     assert tried == [(0.9, False), (0.45, False), (0.225, True), (0.3375, False)]
-    assert m["prune_ratio"] == 0.225 and m["pruned_accepted"] is True
+    assert m["prune_ratio"] == 0.225 and m["pruned_fp32_accepted"] is True
     reference = correct_per_image(trained[1], data).mean()  # PyTorch fp32, like attempts
     for a in m["attempts"]:
         diff = a["val_difference"]
@@ -336,20 +354,22 @@ def stage_run(trained, digits, tmp_path_factory):
 @pytest.mark.integration
 def test_stage_writes_checkpoint_onnx_metrics_and_plots(stage_run, trained, data):
     project = stage_run
-    m = json.loads((project / "metrics" / "compress.json").read_text())
+    m = json.loads((project / "reports" / "compress.json").read_text())
+    lean = json.loads((project / "metrics" / "compress.json").read_text())
+    assert lean == {k: m[k] for k in compress.METRIC_KEYS}  # numbers worth comparing only
     for key in ("macs_before", "macs_after", "params_before", "params_after"):
         assert isinstance(m[key], int) and m[key] > 0
     assert m["macs_before"] / m["macs_after"] > 2  # ratio 0.5: about 4x fewer MACs
     assert (m["val_images"], m["test_images"]) == (270, 360)
-    for short in ("tuned", "pruned", "int8", "fp16"):
+    for short in NAMES:
         assert 0.8 < m[f"{short}_val_accuracy"] <= 1 and 0.8 < m[f"{short}_test_accuracy"] <= 1
         assert m[f"{short}_size_bytes"] > 0 and isinstance(m[f"{short}_accepted"], bool)
-    for short in ("pruned", "int8", "fp16"):  # the paired val difference to the tuned model
+    for short in NAMES[1:]:  # the paired val difference to the tuned model
         low, high = m[f"{short}_val_difference_low"], m[f"{short}_val_difference_high"]
         assert low <= m[f"{short}_val_difference"] <= high and m[f"{short}_val_n_disagree"] >= 0
         assert m[f"{short}_accepted"] == (m[f"{short}_val_difference"] >= -0.01)  # the budget
-    assert "tuned_val_difference" not in m
-    assert m["int8_size_bytes"] < m["pruned_size_bytes"] < m["tuned_size_bytes"]
+    assert "fp32_val_difference" not in m
+    assert m["int8_size_bytes"] < m["pruned_fp32_size_bytes"] < m["fp32_size_bytes"]
     assert m["int8_agreement"] >= 0.99 and m["fp16_agreement"] >= 0.99
     keys = {"name", "path", "val_accuracy", "val_difference", "test_accuracy", "size_bytes"}
     for v in m["variants"]:
@@ -360,9 +380,9 @@ def test_stage_writes_checkpoint_onnx_metrics_and_plots(stage_run, trained, data
 
     rebuilt, blob = load_checkpoint(project / "models" / "compressed" / "pruned.pt")
     assert blob["arch"]["pruned"]["layers"]["features.0.0"] == {"out_channels": 8}
-    assert blob["metrics"]["pruned_val_accuracy"] == m["pruned_val_accuracy"]
-    session, _ = onnx_tools.make_session(project / "models/compressed/pruned_fp32.onnx", "cpu")
-    x = compress._numpy(data.x["test"])
+    assert blob["metrics"]["pruned_fp32_val_accuracy"] == m["pruned_fp32_val_accuracy"]
+    session, _ = onnx_tools.make_session(project / paths.PRUNED_FP32_ONNX, "cpu")
+    x = onnx_tools.pixels_nhwc(data.images["test"])  # the graph normalises them itself
     torch_logits = predict_logits(rebuilt, data.x["test"]).numpy()
     assert np.abs(onnx_tools.run_logits(session, x) - torch_logits).max() < 1e-4
 
@@ -377,7 +397,7 @@ def test_stage_logs_one_mlflow_run_with_metrics_and_artifacts(stage_run, trained
     client = MlflowClient(tracking_uri=f"sqlite:///{stage_run / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("tests")
     (run,) = client.search_runs([experiment.experiment_id], "tags.stage = 'compress'")
-    m = json.loads((stage_run / "metrics" / "compress.json").read_text())
+    m = json.loads((stage_run / "reports" / "compress.json").read_text())
     assert run.data.metrics["int8_val_accuracy"] == pytest.approx(m["int8_val_accuracy"])
     assert run.data.metrics["int8_test_accuracy"] == pytest.approx(m["int8_test_accuracy"])
     assert run.data.metrics["int8_val_n_disagree"] == m["int8_val_n_disagree"]
@@ -387,13 +407,13 @@ def test_stage_logs_one_mlflow_run_with_metrics_and_artifacts(stage_run, trained
     assert run.data.params["finetune.lr"] == str(trained[0].train.lr / 2)
     assert run.data.params["finetune.scheduler"] == "cosine"
     assert run.data.params["finetune.batch_size"] == str(trained[0].train.batch_size)
-    assert run.data.tags["pruned_int8_accepted"] == str(m["int8_accepted"])
+    assert run.data.tags["int8_accepted"] == str(m["int8_accepted"])
     curve = client.get_metric_history(run.info.run_id, "finetune_val_accuracy")
     # 1 epoch between the 2 steps, 2 after the last, for each attempt that was fine-tuned
     fine_tuned = [a for a in m["attempts"] if a["same_widths_as"] is None]
     assert sorted(p.step for p in curve) == list(range(1, 3 * len(fine_tuned) + 1))
     onnx_files = {a.path for a in client.list_artifacts(run.info.run_id, "onnx")}
-    assert onnx_files == {f"onnx/{name}" for name in compress.VARIANT_FILES.values()}
+    assert onnx_files == {f"onnx/{v.source.name}" for v in VARIANTS}
     plots = [a.path for a in client.list_artifacts(run.info.run_id, "plots")]
     assert plots == ["plots/compression.png"]
 
@@ -423,14 +443,14 @@ def test_missing_tuned_checkpoint_exits_2_naming_the_file(tmp_path, monkeypatch,
 
 def test_judge_states_the_loss_and_the_budget_in_points():
     lost = _difference(0, 3)
-    accepted, reason = compress.judge(lost, 0.01)
+    accepted, reason = ratio_search.judge(lost, 0.01)
     assert (accepted, reason) == (
         False,
         f"loses 1.11 points (val {lost.describe()} vs tuned); "
         "compress.max_accuracy_drop allows 1.00",
     )
     kept = _difference(0, 2)
-    assert compress.judge(kept, 0.015) == (
+    assert ratio_search.judge(kept, 0.015) == (
         True,
         f"within budget (val {kept.describe()} vs tuned; max drop 1.50 points)",
     )
@@ -440,9 +460,9 @@ def test_judge_rejects_only_beyond_the_budget_plus_its_float_tolerance():
     from types import SimpleNamespace
 
     edge = SimpleNamespace(difference=-0.01 - 1e-9, describe=lambda: "d")
-    assert compress.judge(edge, 0.01)[0] is True
+    assert ratio_search.judge(edge, 0.01)[0] is True
     beyond = SimpleNamespace(difference=-0.01 - 2e-9, describe=lambda: "d")
-    assert compress.judge(beyond, 0.01)[0] is False
+    assert ratio_search.judge(beyond, 0.01)[0] is False
 
 
 def test_resolve_params_warns_at_its_caller(recwarn):
@@ -460,55 +480,55 @@ def test_resolve_params_warns_at_its_caller(recwarn):
 
 def test_judge_allows_a_loss_of_exactly_the_budget_despite_rounding():
     exact = _difference(0, 1, n=100)  # one image of 100: -0.01, as floats make it
-    assert compress.judge(exact, 0.01)[0] is True
-    assert compress.judge(_difference(0, 2, n=100), 0.01)[0] is False
-    assert compress.judge(_difference(0, 1, n=100), 0.0099999)[0] is False
+    assert ratio_search.judge(exact, 0.01)[0] is True
+    assert ratio_search.judge(_difference(0, 2, n=100), 0.01)[0] is False
+    assert ratio_search.judge(_difference(0, 1, n=100), 0.0099999)[0] is False
 
 
 def _note_attempt(ratio, accuracy, within):
-    return compress.PruneAttempt(ratio, accuracy, _difference(0, 0), 100, 10, within, "ok")
+    return ratio_search.PruneAttempt(ratio, accuracy, _difference(0, 0), 100, 10, within, "ok")
 
 
 def test_attempts_note_says_whether_the_ratio_backed_off_or_none_was_within_budget():
     first, second = _note_attempt(0.8, 0.5, False), _note_attempt(0.4, 0.91234, True)
     kept = _note_attempt(0.5, 0.9, True)
-    assert compress._attempts_note(kept, [kept]) == ""  # the requested ratio: nothing to say
-    assert compress._attempts_note(second, [first, second]) == (
+    assert ratio_search.attempts_note(kept, [kept]) == ""  # the requested ratio: nothing to say
+    assert ratio_search.attempts_note(second, [first, second]) == (
         "; backed off to ratio 0.4 (0.8 -> val 0.5000, 0.4 -> val 0.9123)"
     )
     third = _note_attempt(0.2, 0.7, False)
-    assert compress._attempts_note(third, [first, third]) == (
+    assert ratio_search.attempts_note(third, [first, third]) == (
         "; no pruning ratio tried was within budget (0.8 -> val 0.5000, 0.2 -> val 0.7000)"
     )
     only = _note_attempt(0.5, 0.6, False)
-    assert compress._attempts_note(only, [only]) == (
+    assert ratio_search.attempts_note(only, [only]) == (
         "; no pruning ratio tried was within budget (0.5 -> val 0.6000)"
     )
 
 
 def test_backoff_midpoints_are_rounded_to_6_digits_and_ties_keep_the_smaller_ratio():
-    chosen, tried = compress.search_ratio(0.3, 3, _attempt(0.0))
+    chosen, tried = ratio_search.search_ratio(0.3, 3, _attempt(0.0))
     assert [a.ratio for a in tried] == [0.3, 0.15, 0.075, 0.0375]
-    chosen, tried = compress.search_ratio(0.7, 2, _attempt(0.0))
+    chosen, tried = ratio_search.search_ratio(0.7, 2, _attempt(0.0))
     assert [a.ratio for a in tried] == [0.7, 0.35, 0.175]
-    assert compress.search_ratio(1 / 3, 1, _attempt(0.0))[1][1].ratio == 0.166667
+    assert ratio_search.search_ratio(1 / 3, 1, _attempt(0.0))[1][1].ratio == 0.166667
 
     def flat(ratio):  # every ratio equally accurate, none within budget
-        return compress.PruneAttempt(ratio, 0.8, _difference(0, 0), 100, 10, False, "ok")
+        return ratio_search.PruneAttempt(ratio, 0.8, _difference(0, 0), 100, 10, False, "ok")
 
-    chosen, tried = compress.search_ratio(0.8, 2, flat)
+    chosen, tried = ratio_search.search_ratio(0.8, 2, flat)
     assert chosen.ratio == 0.2  # the least pruning among equals
 
 
 def test_backoff_keeps_the_last_midpoint_within_budget_and_climbs_from_it():
-    chosen, tried = compress.search_ratio(0.8, 3, _attempt(0.65))
+    chosen, tried = ratio_search.search_ratio(0.8, 3, _attempt(0.65))
     assert [a.ratio for a in tried] == [0.8, 0.4, 0.6, 0.7]
     assert chosen.ratio == 0.6 and chosen is tried[2]
 
 
 def test_reused_attempt_keeps_the_first_attempt_and_its_model():
     model = object()
-    first = compress.PruneAttempt(0.5, 0.9, _difference(0, 0), 100, 10, True, "ok", 3.0)
+    first = ratio_search.PruneAttempt(0.5, 0.9, _difference(0, 0), 100, 10, True, "ok", 3.0)
     first.model = model
     calls = []
 
@@ -516,7 +536,7 @@ def test_reused_attempt_keeps_the_first_attempt_and_its_model():
         calls.append(ratio)
         return first
 
-    cached = compress.reuse_equal_widths(attempt, {0.5: "8", 0.45: "8", 0.4: "8"}.get)
+    cached = ratio_search.reuse_equal_widths(attempt, {0.5: "8", 0.45: "8", 0.4: "8"}.get)
     assert cached(0.5) is first
     again = cached(0.45)
     third = cached(0.4)

@@ -133,7 +133,8 @@ def test_params_are_frozen():
         ),
         ({"device": "tpu"}, "device: got 'tpu'; expected one of auto | cpu | cuda"),
         ({"seed": True}, "seed: got True; expected an integer"),
-        ({"seed": -1}, "seed: got -1; expected an integer >= 0"),
+        ({"seed": -1}, "seed: got -1; expected an integer 0..4294967295"),
+        ({"seed": 2**32}, "seed: got 4294967296; expected an integer 0..4294967295"),
         ({"bogus": 1}, "bogus: unknown key; allowed keys: seed, device, data, model, train"),
         ({"train": {"learning_rate": 0.1}}, "train.learning_rate: unknown key; allowed keys: "),
         ({"train": {"zz": 1, "aa": 2}}, "train.aa: unknown key; allowed keys: epochs, lr, "),
@@ -244,6 +245,14 @@ def test_bad_yaml_names_the_file(tmp_path):
     message = str(info.value)
     assert message.startswith(f"{path}: not valid YAML (") and "\n" not in message
     assert "while parsing" in message
+
+
+def test_a_params_file_that_is_not_utf8_names_the_file(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_bytes(b"seed: 1\n# \xff\xfe\n")
+    with pytest.raises(ConfigError) as info:
+        load_params(path)
+    assert str(info.value) == f"{path}: not UTF-8 text (invalid start byte at byte 10)"
 
 
 def test_missing_and_empty_params_files(tmp_path):

@@ -1,5 +1,6 @@
 """Exit codes: a user error exits 2, a stage whose result is not acceptable exits 1, each with
-one line on stderr and no traceback; anything else is a bug and keeps its traceback."""
+one line on stderr and no traceback; anything else is a bug: one line naming the log that holds
+its traceback, exit 1."""
 
 import importlib
 import re
@@ -58,7 +59,53 @@ def test_the_exit_hides_the_error_it_replaces(capsys):
     capsys.readouterr()
 
 
-def test_bugs_keep_their_traceback_and_normal_returns_pass_through(capsys):
+def test_a_bug_exits_1_with_one_line_naming_the_log_that_holds_its_traceback(
+    capsys, tmp_path, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text("{}\n")  # a project: the log goes to logs/
+    monkeypatch.delenv("PIPELINE_TRACEBACK", raising=False)
+
+    @cli_entry
+    def broken():
+        print("started")
+        raise KeyError("a\nbug")
+
+    code, out, err = _exit(broken, capsys)
+    log = tmp_path / "logs" / f"pipeline-{__name__.rsplit('.', 1)[-1]}.log"
+    assert (code, out) == (1, "started\n")
+    assert err == f"internal error: KeyError: 'a\\nbug' (traceback in {log})\n"
+    text = log.read_text()
+    assert "Traceback (most recent call last)" in text and 'raise KeyError("a\\nbug")' in text
+
+
+def test_a_bug_outside_a_project_logs_to_the_temp_folder(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr("tempfile.tempdir", None)  # re-read TMPDIR
+
+    @cli_entry
+    def broken():
+        raise ZeroDivisionError("division by zero")
+
+    code, _, err = _exit(broken, capsys)
+    (log,) = (tmp_path / "tmp").iterdir()
+    assert code == 1 and err.endswith(f"(traceback in {log})\n") and err.count("\n") == 1
+    assert "ZeroDivisionError" in log.read_text() and not (tmp_path / "logs").exists()
+
+
+def test_ctrl_c_exits_130_with_one_word(capsys):
+    @cli_entry
+    def interrupted():
+        raise KeyboardInterrupt
+
+    assert _exit(interrupted, capsys) == (130, "", "interrupted\n")
+
+
+def test_pipeline_traceback_1_keeps_the_traceback_of_a_bug(monkeypatch):
+    monkeypatch.setenv("PIPELINE_TRACEBACK", "1")
+
     @cli_entry
     def broken():
         raise KeyError("a bug")
@@ -66,6 +113,8 @@ def test_bugs_keep_their_traceback_and_normal_returns_pass_through(capsys):
     with pytest.raises(KeyError, match="a bug"):
         broken()
 
+
+def test_normal_returns_pass_through(capsys):
     @cli_entry
     def main(a, b=0):
         """Adds."""

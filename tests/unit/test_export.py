@@ -17,11 +17,12 @@ import yaml
 from mlflow.tracking import MlflowClient
 from onnx import numpy_helper
 
-from pipeline import export, onnx_tools, paths
+from pipeline import champion, export, export_variant, onnx_tools, paths
 from pipeline.config import ExportConfig, load_params
 from pipeline.errors import DataError, StageFailed
 from pipeline.export_checks import check_parity, gpu_status
 from pipeline.files import sha256_file
+from pipeline.variants import VARIANTS, VariantSpec
 from tests.conftest import run_module, write_params
 from tests.export_helpers import VARIANT_NAMES, exported_project
 
@@ -66,10 +67,14 @@ def test_stage_writes_four_checked_models_with_dynamic_batch_and_metadata(projec
         onnx.checker.check_model(proto, full_check=True)
         assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # dynamic batch
         meta = {p.key: p.value for p in proto.metadata_props}
-        assert meta["variant"] == name and meta["format"] == "pipeline.onnx/1"
+        assert meta["variant"] == name and meta["format"] == "pipeline.onnx/2"
         assert json.loads(meta["classes"]) == [str(i) for i in range(10)]
         assert json.loads(meta["mean"]) == info["mean"] and json.loads(meta["std"]) == info["std"]
-        assert json.loads(meta["input_shape"]) == [1, 8, 8] and meta["input_layout"] == "NCHW"
+        assert json.loads(meta["input_shape"]) == [1, 8, 8] and meta["input_layout"] == "NHWC"
+        # uint8 pixels in, batch x H x W x C: the graph scales and normalises them itself
+        pixels = proto.graph.input[0].type.tensor_type
+        assert pixels.elem_type == onnx.TensorProto.UINT8 and meta["input_dtype"] == "uint8"
+        assert [d.dim_value for d in pixels.shape.dim[1:]] == [8, 8, 1]
         entry = next(e for e in manifest["variants"] if e["name"] == name)
         assert float(meta["val_accuracy"]) == entry["val_accuracy"] > 0.8
         assert meta["test_accuracy"] == f"{entry['test_accuracy']:.6f}"  # fixed width
@@ -77,7 +82,7 @@ def test_stage_writes_four_checked_models_with_dynamic_batch_and_metadata(projec
         assert meta["params_hash"] == params_hash
         assert meta["git_commit"] == head + "-dirty"  # the test rewrote params.yaml
         assert meta["dataset_sha256"] == info["sha256"]["all"]
-        assert len(meta["source_run"]) == 32  # the MLflow export run
+        assert "source_run" not in meta  # no run id: identical runs write identical bytes
     for name, dtype in (("int8", onnx.TensorProto.INT8), ("fp16", onnx.TensorProto.FLOAT16)):
         graph = onnx.load(str(project / paths.exported_model(name))).graph
         assert dtype in {init.data_type for init in graph.initializer}
@@ -101,23 +106,33 @@ def test_manifest_lists_every_variant_with_hash_latency_and_one_recommendation(p
     assert by_name["pruned_fp32"]["params"] < by_name["fp32"]["params"]
     recommended = [e for e in manifest["variants"] if e["recommended"]]
     assert [e["name"] for e in recommended] == [manifest["recommended"]]
-    # the rule, checked on the written numbers: accepted, tied with the fastest accepted, and
-    # the smallest file among those tied (the test accuracy, written last at a fixed width,
-    # grew every file by the same bytes, so the sizes compare as `recommend` saw them)
+    # the rule, checked on the written numbers: accepted, no accepted variant faster beyond the
+    # noise, and the smallest file among the accepted ones that none is faster than (the test
+    # accuracy, written last at a fixed width, grew every file by the same bytes, so the sizes
+    # compare as `recommend` saw them)
     (best,) = recommended
-    fastest = min(e["latency_ms_p50_b1"] for e in manifest["variants"] if e["accepted"])
-    tied = [e for e in manifest["variants"] if e["accepted"]]
-    tied = [e for e in tied if e["latency_ms_p50_b1"] <= fastest * (1 + export.LATENCY_TIE)]
-    assert best["accepted"] and best in tied
-    assert best["size_bytes"] == min(e["size_bytes"] for e in tied)
+    accepted = [e for e in manifest["variants"] if e["accepted"]]
+    assert best["accepted"] and not any(champion.faster(e, best) for e in accepted)
+    unbeaten = [e for e in accepted if not any(champion.faster(x, e) for x in accepted)]
+    assert best["size_bytes"] == min(e["size_bytes"] for e in unbeaten)
+    for e in manifest["variants"]:  # interleaved rounds: p50 is the median of round medians
+        rounds = e["latency"][e["provider"]]["latency_rounds_ms"]
+        assert len(rounds) == manifest["benchmark"]["rounds"] == 5
+        assert e["latency_ms_p50_b1"] == pytest.approx(float(np.median(rounds)), abs=1e-4)
+        assert e["latency_spread_ms"] == pytest.approx(max(rounds) - min(rounds), abs=2e-4)
+    assert manifest["benchmark"]["cpu_threads"] == 1
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU path")
 def test_metrics_plot_and_a_quiet_cpu_run(project):
-    metrics = json.loads((project / paths.EXPORT_METRICS).read_text())
+    metrics = json.loads((project / paths.report_file("export")).read_text())
     assert metrics["gpu"] == "not available" and metrics["gpu_checks"] == []
     manifest = _manifest(project)
     assert metrics["recommended"] == manifest["recommended"]
+    chosen = next(e for e in manifest["variants"] if e["name"] == manifest["recommended"])
+    lean = json.loads((project / paths.EXPORT_METRICS).read_text())  # numbers only
+    assert lean == {k: chosen[k] for k in ("test_accuracy", "latency_ms_p50_b1", "size_bytes")}
+    assert metrics["recommended_val_accuracy"] == chosen["val_accuracy"]
     int8 = manifest["variants"][2]
     assert metrics["int8_val_accuracy"] == int8["val_accuracy"]
     assert metrics["int8_test_accuracy"] == int8["test_accuracy"]
@@ -150,7 +165,8 @@ def test_mlflow_export_run_logs_models_and_registers_the_champion(project):
     assert run.data.metrics["int8_test_accuracy"] == pytest.approx(int8["test_accuracy"])
     assert champion.tags["test_accuracy"] == str(recommended["test_accuracy"])
     assert [a.path for a in client.list_artifacts(run.info.run_id, "export")] == [
-        "export/manifest.json"
+        "export/MODEL_CARD.md",
+        "export/manifest.json",
     ]
     # MlflowClient only: mlflow.set_tracking_uri would leak MLFLOW_TRACKING_URI to later tests
     logged = client.search_logged_models(experiment_ids=[run.info.experiment_id])
@@ -158,7 +174,59 @@ def test_mlflow_export_run_logs_models_and_registers_the_champion(project):
     location = client.get_model_version_download_uri(name, champion.version)
     model = mlflow.onnx.load_model(location)
     meta = {p.key: p.value for p in model.metadata_props}
-    assert meta["variant"] == recommended["name"] and meta["source_run"] == run.info.run_id
+    assert meta["variant"] == recommended["name"]
+    # the model card is the version's description; one export run, one version
+    assert champion.description == (project / paths.MODEL_CARD).read_text()
+    assert [v.version for v in client.search_model_versions(f"name = '{name}'")] == [
+        champion.version
+    ]
+    assert run.data.tags["champion_why"] == "no champion yet"
+
+
+def _card_table(card: str) -> dict[str, dict]:
+    """The card's variants table: name -> {column: cell}."""
+    rows = [line for line in card.splitlines() if line.startswith("| ")]
+    head = [c.strip() for c in rows[0].strip("|").split("|")]
+    cells = [[c.strip() for c in row.strip("|").split("|")] for row in rows[2:]]  # after ---
+    return {r[0]: dict(zip(head, r, strict=True)) for r in cells}
+
+
+def test_model_card_states_the_manifests_numbers(project):
+    manifest = _manifest(project)
+    card = (project / paths.MODEL_CARD).read_text()
+    table = _card_table(card)
+    assert list(table) == VARIANT_NAMES
+    for e in manifest["variants"]:
+        row, d = table[e["name"]], e["val_difference"]
+        assert float(row["val acc"]) == pytest.approx(e["val_accuracy"], abs=5e-5)
+        assert float(row["test acc"]) == pytest.approx(e["test_accuracy"], abs=5e-5)
+        assert row[next(k for k in row if k.startswith("val vs fp32"))] == (
+            f"{100 * d['difference']:+.2f} [{100 * d['low']:+.2f}, {100 * d['high']:+.2f}] "
+            f"({d['n_disagree']} differ)"
+        )
+        assert int(row["size (bytes)"]) == e["size_bytes"] == (project / e["path"]).stat().st_size
+        assert (int(row["params"]), int(row["MACs"])) == (e["params"], e["macs"])
+        for column, key in (
+            ("p50 b1 (ms)", "latency_ms_p50_b1"),
+            ("spread (ms)", "latency_spread_ms"),
+        ):
+            assert float(row[column]) == pytest.approx(e[key], abs=5e-5)
+        assert row["provider"] == e["provider"]
+        assert row["accepted"] == "yes" and (row["recommended"] == "**yes**") == e["recommended"]
+    data, bench, c = manifest["data"], manifest["benchmark"], manifest["compression"]
+    assert sum(data["counts"].values()) == 1797 and data["counts"]["test"] == 360  # digits
+    assert (
+        f"train {data['counts']['train']} images, val 270 (every check and choice), test 360"
+        in card
+    )
+    assert f"10 classes: {', '.join(data['classes'])}." in card
+    assert f"Preprocessing: {data['preprocess']}; mean {data['mean']}, std {data['std']}" in card
+    assert f"Machine: {bench['cpu']} ({bench['cpu_count']} logical CPUs)" in card
+    assert f"pinned to {bench['cpu_threads']} intra-op thread(s)" in card
+    assert f"{c['params_before']} parameters, {c['macs_before']} MACs per image" in card
+    assert f"Recommended variant: **{manifest['recommended']}**" in card
+    for section in ("## Intended use", "## Limitations", "## Compression path"):
+        assert section in card
 
 
 def test_check_parity_flags_fp32_drift_and_int8_disagreement():
@@ -222,6 +290,8 @@ def test_checks_read_the_val_split_and_the_test_split_is_only_reported(in_projec
     before = export.run(params, inputs)
     rng = np.random.default_rng(0)  # the test split replaced: noise images, every label 0
     inputs.x["test"] = rng.normal(size=inputs.x["test"].shape).astype(np.float32)
+    shape = inputs.pixels["test"].shape  # what the ONNX models read
+    inputs.pixels["test"] = rng.integers(0, 256, shape, dtype=np.uint8)
     inputs.y["test"] = np.zeros_like(inputs.y["test"])
     after = export.run(params, inputs)
     for old, new in zip(before.variants, after.variants, strict=True):
@@ -244,25 +314,11 @@ def test_require_gpu_without_a_gpu_fails_with_a_clear_message(in_project):
         export.run(strict, export.load_inputs())
 
 
-def test_recommend_takes_the_fastest_accepted_and_breaks_ties_by_size():
-    def entry(name, p50, size, accepted=True):
-        return {"name": name, "latency_ms_p50_b1": p50, "size_bytes": size, "accepted": accepted}
-
-    entries = [entry("fp32", 1.0, 400), entry("int8", 0.5, 50), entry("fp16", 0.1, 60, False)]
-    assert export.recommend(entries) == "int8"  # fp16 is faster but rejected
-    entries.append(entry("pruned_fp32", 0.49, 120))
-    assert export.recommend(entries) == "int8"  # within 5%: a tie, the smaller file wins
-    entries.append(entry("tiny", 0.3, 500))
-    assert export.recommend(entries) == "tiny"
-    with pytest.raises(StageFailed, match="no variant is accepted"):
-        export.recommend([entry("fp32", 1.0, 1, False)])
-
-
 def test_opset_set_reexports_the_fp32_models_at_that_opset(in_project):
     params = load_params(paths.PARAMS)
     pinned = dataclasses.replace(params, export=dataclasses.replace(params.export, opset=18))
     inputs = export.load_inputs()
-    fp32 = export.build_proto(export.VARIANTS[0], inputs, 18)
+    fp32 = export_variant.build_proto(VARIANTS[0], inputs, 18)
     assert {o.version for o in fp32.opset_import if o.domain == ""} == {18}
     result = export.run(pinned, inputs)
     by_name = {v.spec.name: v for v in result.variants}
@@ -276,18 +332,18 @@ def test_missing_compress_outputs_name_the_file(project, tmp_path, monkeypatch):
     shutil.copytree(project / "models", tmp_path / "models")
     (tmp_path / paths.PRUNED_INT8_ONNX).unlink()
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(DataError, match="models/compressed/pruned_int8.onnx: not found"):
+    with pytest.raises(DataError, match="models/compressed/model_int8.onnx: not found"):
         export.load_inputs()
     shutil.copy(project / "params.yaml", tmp_path / "params.yaml")
     process = run_module(tmp_path, "pipeline.export")
     assert process.returncode == 2
     assert process.stderr.strip().splitlines() == [
-        "error: models/compressed/pruned_int8.onnx: not found; run the compress stage first"
+        "error: models/compressed/model_int8.onnx: not found; run the compress stage first"
     ]
 
 
 def test_with_tracking_off_the_stage_exports_without_mlflow(project, tmp_path, monkeypatch):
-    for folder in ("data", "models", "metrics"):
+    for folder in ("data", "models", "reports"):
         shutil.copytree(project / folder, tmp_path / folder)
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["tracking"]["enabled"] = False
@@ -298,7 +354,7 @@ def test_with_tracking_off_the_stage_exports_without_mlflow(project, tmp_path, m
     assert sum(e["recommended"] for e in manifest["variants"]) == 1
     for entry in manifest["variants"]:
         assert sha256_file(entry["path"]) == entry["sha256"]
-        assert onnx_tools.read_metadata(entry["path"])["source_run"] == "untracked"
+        assert "source_run" not in onnx_tools.read_metadata(entry["path"])
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlruns").exists()
 
 
@@ -306,9 +362,10 @@ def test_with_tracking_off_the_stage_exports_without_mlflow(project, tmp_path, m
 
 
 def _variant(precision="int8", compress_accepted=True, passed=True, latency=None):
-    spec = export.VariantSpec("v", paths.PRUNED_INT8_ONNX, paths.PRUNED_CKPT, precision)
-    keys = ("latency_ms_p50_b1", "latency_ms_p95_b1", "throughput_b8")
-    latency = latency or {"CPUExecutionProvider": dict(zip(keys, (1.5, 2.5, 900.0), strict=True))}
+    spec = VariantSpec("v", paths.PRUNED_INT8_ONNX, paths.PRUNED_CKPT, precision, "a variant")
+    keys = ("latency_ms_p50_b1", "latency_ms_p95_b1", "latency_spread_ms", "throughput_b8")
+    numbers = dict(zip(keys, (1.5, 2.5, 0.25, 900.0), strict=True))
+    latency = latency or {"CPUExecutionProvider": numbers}
     entry = {
         "name": "v",
         "val_accuracy": 0.9,
@@ -324,22 +381,25 @@ def _variant(precision="int8", compress_accepted=True, passed=True, latency=None
         },
         "latency": latency,
     }
-    return export.ExportedVariant(spec, onnx.ModelProto(), entry, np.zeros((7, 10), np.float32))
+    return export_variant.ExportedVariant(
+        spec, onnx.ModelProto(), entry, np.zeros((7, 10), np.float32)
+    )
 
 
 def test_must_agree_for_fp32_exports_and_accepted_variants_only():
-    assert export.must_agree(_variant("fp32", compress_accepted=False)) is True
-    assert export.must_agree(_variant("fp32", compress_accepted=True)) is True
-    assert export.must_agree(_variant("int8", compress_accepted=True)) is True
-    assert export.must_agree(_variant("fp16", compress_accepted=False)) is False
+    assert export_variant.must_agree(_variant("fp32", compress_accepted=False)) is True
+    assert export_variant.must_agree(_variant("fp32", compress_accepted=True)) is True
+    assert export_variant.must_agree(_variant("int8", compress_accepted=True)) is True
+    assert export_variant.must_agree(_variant("fp16", compress_accepted=False)) is False
 
 
 def test_finish_variant_takes_the_cpu_numbers_without_a_gpu_and_writes_the_metadata():
     variant = _variant()
-    export.finish_variant(variant, [], 8)
+    export_variant.finish_variant(variant, [], 8)
     entry = variant.entry
     assert entry["provider"] == "CPUExecutionProvider"
     assert (entry["latency_ms_p50_b1"], entry["latency_ms_p95_b1"]) == (1.5, 2.5)
+    assert entry["latency_spread_ms"] == 0.25  # what `recommend` reads as the noise
     assert entry["throughput_b8"] == 900.0
     assert entry["accepted"] is True
     assert entry["reason"] == "within budget (val +0.00 points)"
@@ -360,56 +420,40 @@ def test_finish_variant_takes_the_cpu_numbers_without_a_gpu_and_writes_the_metad
 
 
 def test_finish_variant_prefers_the_first_gpu_provider_that_ran_it():
-    cpu = {"latency_ms_p50_b1": 2.0, "latency_ms_p95_b1": 3.0, "throughput_b4": 100.0}
-    cuda = {"latency_ms_p50_b1": 0.5, "latency_ms_p95_b1": 0.7, "throughput_b4": 5000.0}
-    trt = {"latency_ms_p50_b1": 0.3, "latency_ms_p95_b1": 0.4, "throughput_b4": 9000.0}
+    keys = ("latency_ms_p50_b1", "latency_ms_p95_b1", "latency_spread_ms", "throughput_b4")
+    cpu = dict(zip(keys, (2.0, 3.0, 0.1, 100.0), strict=True))
+    cuda = dict(zip(keys, (0.5, 0.7, 0.02, 5000.0), strict=True))
+    trt = dict(zip(keys, (0.3, 0.4, 0.01, 9000.0), strict=True))
     latency = {"CPUExecutionProvider": cpu, "CUDAExecutionProvider": cuda}
     variant = _variant(latency=latency)
-    export.finish_variant(variant, ["TensorrtExecutionProvider", "CUDAExecutionProvider"], 4)
+    export_variant.finish_variant(
+        variant, ["TensorrtExecutionProvider", "CUDAExecutionProvider"], 4
+    )
     assert variant.entry["provider"] == "CUDAExecutionProvider"  # TensorRT did not run it
     assert variant.entry["latency_ms_p50_b1"] == 0.5 and variant.entry["throughput_b4"] == 5000.0
     latency["TensorrtExecutionProvider"] = trt
     variant = _variant(latency=latency)
-    export.finish_variant(variant, ["TensorrtExecutionProvider", "CUDAExecutionProvider"], 4)
+    export_variant.finish_variant(
+        variant, ["TensorrtExecutionProvider", "CUDAExecutionProvider"], 4
+    )
     assert variant.entry["provider"] == "TensorrtExecutionProvider"
-    assert variant.entry["latency_ms_p95_b1"] == 0.4
+    assert variant.entry["latency_ms_p95_b1"] == 0.4 and variant.entry["latency_spread_ms"] == 0.01
 
 
 def test_finish_variant_rejects_an_accepted_variant_that_failed_parity():
     variant = _variant(compress_accepted=True, passed=False)
-    export.finish_variant(variant, [], 8)
+    export_variant.finish_variant(variant, [], 8)
     assert variant.entry["accepted"] is False
     assert variant.entry["reason"] == "failed the parity check"
     assert json.loads(onnx_tools.read_metadata(variant.proto)["accepted"]) is False
     rejected = _variant(compress_accepted=False, passed=False)  # keeps compress's reason
     rejected.entry["compress_reason"] = "loses 3.00 points"
-    export.finish_variant(rejected, [], 8)
+    export_variant.finish_variant(rejected, [], 8)
     assert (rejected.entry["accepted"], rejected.entry["reason"]) == (False, "loses 3.00 points")
     passed = _variant(compress_accepted=False, passed=True)
-    export.finish_variant(passed, [], 8)
+    export_variant.finish_variant(passed, [], 8)
     assert passed.entry["accepted"] is False
     assert passed.entry["reason"] == "within budget (val +0.00 points)"
-
-
-def _entry(name, p50, size, accepted=True):
-    return {"name": name, "latency_ms_p50_b1": p50, "size_bytes": size, "accepted": accepted}
-
-
-def test_recommend_tie_is_5_percent_of_the_fastest_and_equal_sizes_go_to_the_faster():
-    # 1.05 is exactly 5 % slower than 1.0 (a tie); 1.06 is not
-    assert export.recommend([_entry("fast", 1.0, 100), _entry("small", 1.05, 50)]) == "small"
-    assert export.recommend([_entry("fast", 1.0, 100), _entry("small", 1.06, 50)]) == "fast"
-    assert export.recommend([_entry("a", 1.02, 80), _entry("b", 1.0, 80)]) == "b"
-    assert export.recommend([_entry("b", 1.0, 80), _entry("a", 1.02, 80)]) == "b"
-    assert export.recommend([_entry("only", 3.0, 10)]) == "only"
-
-
-def test_recommend_without_an_accepted_variant_points_at_the_reasons():
-    with pytest.raises(StageFailed) as info:
-        export.recommend([_entry("fp32", 1.0, 1, False), _entry("int8", 0.5, 1, False)])
-    assert str(info.value) == (
-        f"no variant is accepted; see {export.COMPRESS_METRICS} and the parity checks"
-    )
 
 
 def test_check_parity_reports_the_criterion_and_the_disagreeing_images():

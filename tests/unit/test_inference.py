@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from pipeline import inference, onnx_tools, paths
+from pipeline.checkpoint import load_checkpoint
 from pipeline.data import DeviceData, load_prepared
 from pipeline.inference import DeviceFallbackWarning, InvalidModel, OnnxClassifier
 from tests.export_helpers import VARIANT_NAMES
@@ -42,11 +43,25 @@ def test_reads_labels_shape_and_normalisation_from_the_file(clf, project):
 
 
 @pytest.mark.integration
-def test_preprocessing_matches_the_training_normalisation(clf, project, digits):
-    expected = DeviceData(load_prepared(project / paths.PREPARED_DIR), "cpu").x["test"].numpy()
+def test_preprocessing_gives_the_prepared_pixels(clf, project, digits):
+    images = load_prepared(project / paths.PREPARED_DIR).splits["test"][0]
     x = clf.preprocess(list(digits[0]))
-    assert x.shape == expected.shape and x.dtype == np.float32
-    np.testing.assert_allclose(x, expected, atol=1e-5)
+    assert x.dtype == np.uint8
+    np.testing.assert_array_equal(x, onnx_tools.pixels_nhwc(images))
+
+
+@pytest.mark.integration
+def test_exported_fp32_graphs_give_the_pytorch_logits_from_pixels(project):
+    """The exported graph normalises uint8 pixels itself: its logits equal the PyTorch
+    checkpoint's on the same images normalised by DeviceData (the training input)."""
+    data = DeviceData(load_prepared(project / paths.PREPARED_DIR), "cpu")
+    for name, ckpt in (("fp32", paths.TUNED_CKPT), ("pruned_fp32", paths.PRUNED_CKPT)):
+        model, _ = load_checkpoint(project / ckpt)
+        with torch.no_grad():
+            expected = model(data.x["test"]).numpy()
+        clf = OnnxClassifier(project / paths.exported_model(name))
+        logits = onnx_tools.run_logits(clf.session, onnx_tools.pixels_nhwc(data.images["test"]))
+        np.testing.assert_allclose(logits, expected, rtol=0, atol=1e-4)
 
 
 @pytest.mark.integration
@@ -182,15 +197,29 @@ def _bad_models(tmp_path) -> dict:
             "use a model written by `pipeline export`"
         ),
         model(tmp_path / "json.onnx", metadata={"mean": "[0.5"}): "unreadable metadata value (",
-        model(tmp_path / "nhwc.onnx", metadata={"input_layout": "NHWC"}): (
-            "unsupported input NHWC [1, 4, 4]; expected NCHW with 1 or 3 channels"
+        model(tmp_path / "nchw.onnx", metadata={"input_layout": "NCHW"}): (
+            "unsupported input NCHW [1, 4, 4]; expected NHWC with 1 or 3 channels"
         ),
         model(tmp_path / "two.onnx", metadata={"input_shape": [2, 4, 4]}): (
-            "unsupported input NCHW [2, 4, 4]; expected NCHW with 1 or 3 channels"
+            "unsupported input NHWC [2, 4, 4]; expected NHWC with 1 or 3 channels"
         ),
         model(tmp_path / "flat.onnx", metadata={"input_shape": [1, 16]}): (
-            "unsupported input NCHW [1, 16]; expected NCHW with 1 or 3 channels"
+            "unsupported input NHWC [1, 16]; expected NHWC with 1 or 3 channels"
         ),
+        model(tmp_path / "old.onnx", preprocess=False): (
+            "metadata format 'pipeline.onnx/1'; this version reads 'pipeline.onnx/2' (uint8 "
+            "NHWC pixels, normalised in the graph); export the model again with `dvc repro "
+            "export`"
+        ),
+        model(tmp_path / "noformat.onnx", drop=("format",)): (
+            "ONNX model without the pipeline's metadata (missing format)"
+        ),
+        model(
+            tmp_path / "float.onnx",
+            (1, 1, 1),
+            preprocess=False,
+            metadata={"format": inference.METADATA_FORMAT, "input_layout": "NHWC"},
+        ): "graph input of type tensor(float); expected tensor(uint8) pixels",
         model(tmp_path / "mean.onnx", metadata={"mean": [0.5, 0.5]}): (
             "mean / std do not match 1 input channels"
         ),
@@ -201,10 +230,11 @@ def _bad_models(tmp_path) -> dict:
             "3 outputs but 2 class names"
         ),
         model(tmp_path / "size.onnx", graph_input_shape=(1, 4, 5)): (
-            "graph input [1, 4, 5] does not match the metadata's input_shape [1, 4, 4]"
+            "graph input [4, 5, 1] does not match the metadata's input_shape [1, 4, 4] in "
+            "layout NHWC"
         ),
         model(tmp_path / "rgb.onnx", graph_input_shape=(3, 4, 4)): (
-            "graph input [3, 4, 4] does not match the metadata's input_shape [1, 4, 4]"
+            "graph input [4, 4, 3] does not match the metadata's input_shape [1, 4, 4]"
         ),
         model(tmp_path / "rank.onnx", graph_input_shape=(16,)): (
             "graph input [16] does not match the metadata's input_shape [1, 4, 4]"
@@ -244,3 +274,13 @@ def test_without_a_gpu_cuda_warns_and_runs_on_the_cpu(tmp_path, monkeypatch, rec
     assert caught[0].filename != inference.__file__  # stacklevel: it points at the caller
     assert clf.provider == "CPUExecutionProvider"
     assert clf.predict(np.zeros((4, 4), np.uint8), top_k=1)[0][0][0] == "b"
+
+
+def test_pixels_are_fed_as_uint8_and_float_arrays_are_refused(tmp_path):
+    weight = np.random.default_rng(0).normal(size=(16, 3))
+    clf = OnnxClassifier(linear_classifier(tmp_path / "m.onnx", weight=weight))
+    assert clf.session.get_inputs()[0].type == "tensor(uint8)"
+    pixels = clf.preprocess(np.arange(16, dtype=np.uint8).reshape(4, 4))
+    assert pixels.dtype == np.uint8 and pixels.shape == (1, 4, 4, 1)
+    with pytest.raises(ValueError, match=r"^the model takes uint8 pixels \(N x H x W x C\); got"):
+        onnx_tools.run_logits(clf.session, pixels.astype(np.float32) / 255)

@@ -10,11 +10,13 @@ import subprocess
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from pipeline import cli, paths
-from pipeline.data import load_prepared
-from tests.conftest import VENV_BIN, subprocess_env
+from pipeline.config import parse_params
+from pipeline.data import load_prepared, prepare
+from tests.conftest import REPO_ROOT, VENV_BIN, subprocess_env
 from tests.export_helpers import VARIANT_NAMES
 from tests.tiny_onnx import linear_classifier
 
@@ -118,6 +120,7 @@ def _bad_inputs(good_model, folder):
     text_model = folder / "text.onnx"
     text_model.write_text("not a model")
     bare_model = linear_classifier(folder / "bare.onnx", drop=("classes",))
+    old_model = linear_classifier(folder / "old.onnx", preprocess=False)  # float NCHW input
     missing = folder / "missing.png"
     return {
         "missing image": ([good_model, str(good_image), str(missing)], missing),
@@ -126,6 +129,7 @@ def _bad_inputs(good_model, folder):
         "wrong channel count": ([good_model, str(two_channels)], two_channels),
         "not an ONNX model": ([str(text_model), str(good_image)], text_model),
         "ONNX without metadata": ([str(bare_model), str(good_image)], bare_model),
+        "older model format": ([str(old_model), str(good_image)], old_model),
         "missing model": ([str(folder / "none.onnx"), str(good_image)], folder / "none.onnx"),
     }
 
@@ -138,6 +142,7 @@ def test_every_bad_input_exits_2_with_one_line_naming_the_file(model, tmp_path, 
         "wrong channel count": "array of shape (8, 8, 2); expected HxW or HxWxC",
         "not an ONNX model": "not an ONNX model",
         "ONNX without metadata": "ONNX model without the pipeline's metadata",
+        "older model format": "metadata format 'pipeline.onnx/1'; this version reads",
         "missing model": "model file not found",
     }
     for case, (args, culprit) in _bad_inputs(model, tmp_path).items():
@@ -172,3 +177,22 @@ def test_the_installed_command_is_quiet_and_fails_without_a_traceback(project, p
     process = subprocess.run(command, capture_output=True, text=True, env=subprocess_env())
     assert process.returncode == 2 and process.stdout == ""
     assert process.stderr.splitlines() == [f"error: {bad}: not an image file Pillow can read"]
+
+
+SAMPLES = {"seven.png": (319, 7), "three.png": (290, 3)}  # test-split index, label
+
+
+def test_the_sample_images_are_the_test_digits_samples_readme_names():
+    """samples/*.png are digits of the default split's test set (no model of the default run
+    saw them), each the prepared 8 x 8 image upscaled 4x with nearest-neighbour."""
+    data = parse_params(yaml.safe_load((REPO_ROOT / "params.yaml").read_text())).data
+    images, labels = prepare(data, seed=0).splits["test"]
+    folder = REPO_ROOT / "samples"
+    assert sorted(p.name for p in folder.glob("*.png")) == sorted(SAMPLES)
+    for name, (index, label) in SAMPLES.items():
+        with Image.open(folder / name) as img:
+            assert img.mode == "L" and img.size == (32, 32)
+            pixels = np.asarray(img)
+        assert int(labels[index]) == label
+        np.testing.assert_array_equal(pixels[::4, ::4], images[index, 0].numpy())
+        np.testing.assert_array_equal(pixels, np.kron(pixels[::4, ::4], np.ones((4, 4), np.uint8)))

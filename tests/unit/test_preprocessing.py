@@ -2,19 +2,24 @@
 
 The training images of an `imagefolder` dataset are decoded by `pipeline.data` (mode, centre
 crop, bilinear resize to uint8) and normalised by `DeviceData`; `OnnxClassifier.preprocess`
-must turn the same files into the same pixels, or a deployed model sees other inputs than it
-was trained on. The models here are linear ONNX graphs (`tests/tiny_onnx.py`): milliseconds.
+must turn the same files into the same uint8 pixels, and the graph's own preprocessing
+(`onnx_tools.add_preprocessing`) must normalise them as `DeviceData` does, or a deployed model
+sees other inputs than it was trained on. The models here are linear ONNX graphs
+(`tests/tiny_onnx.py`, preprocessing included): milliseconds.
 """
 
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
 import torch
 from PIL import Image
 
+from pipeline import onnx_tools
 from pipeline.data import DeviceData, Prepared, load_image_folder
 from pipeline.inference import OnnxClassifier
+from pipeline.models import create_model
 from tests.tiny_onnx import linear_classifier
 
 # (width, height): wide, tall, tiny, already the model's size, extreme, large, a single pixel
@@ -54,11 +59,10 @@ def test_inference_pixels_equal_prepare_pixels_on_every_size_and_mode(tmp_path, 
     files = _folder(tmp_path / "images", modes)
     raw = load_image_folder(tmp_path / "images", size)
     assert raw.images.shape == (len(files), channels, size, size)
-    # mean 0, std 1: preprocess gives the pixels / 255, so the uint8 values can be compared
     clf = OnnxClassifier(linear_classifier(tmp_path / "m.onnx", (channels, size, size)))
-    pixels = clf.preprocess(files)
-    np.testing.assert_array_equal(np.rint(pixels * 255).astype(np.uint8), raw.images)
-    np.testing.assert_array_equal(pixels, raw.images.astype(np.float32) / 255)
+    pixels = clf.preprocess(files)  # what the model is fed: uint8, N x H x W x C
+    assert pixels.dtype == np.uint8 and pixels.shape == (len(files), size, size, channels)
+    np.testing.assert_array_equal(pixels, raw.images.transpose(0, 2, 3, 1))
 
 
 @pytest.mark.parametrize(("modes", "channels"), [(GRAY_MODES, 1), (COLOUR_MODES, 3)])
@@ -69,36 +73,55 @@ def test_inference_input_equals_the_normalised_training_input(tmp_path, modes, c
     mean, std = [0.2, 0.5, 0.7][:channels], [0.3, 0.25, 0.125][:channels]
     split = (torch.from_numpy(raw.images), torch.from_numpy(raw.labels))
     training = DeviceData(Prepared({"train": split}, {"mean": mean, "std": std}), "cpu")
-    path = linear_classifier(tmp_path / "m.onnx", (channels, size, size), mean=mean, std=std)
+    clf = _identity_model(tmp_path, (channels, size, size), mean, std)
     np.testing.assert_allclose(
-        OnnxClassifier(path).preprocess(files), training.x["train"].numpy(), rtol=0, atol=1e-6
+        _normalised(clf, files), training.x["train"].numpy(), rtol=0, atol=1e-6
     )
+
+
+def _identity_model(tmp_path, shape, mean, std) -> OnnxClassifier:
+    """A linear model whose logits are its input after the graph's preprocessing, flattened
+    (C, H, W): the normalised image, as the first layer of an exported model sees it."""
+    n = int(np.prod(shape))
+    classes = [str(i) for i in range(n)]
+    path = linear_classifier(
+        tmp_path / "identity.onnx", shape, classes, weight=np.eye(n), mean=mean, std=std
+    )
+    return OnnxClassifier(path)
+
+
+def _normalised(clf: OnnxClassifier, images) -> np.ndarray:
+    """What the model's first layer reads for `images`: preprocess, then the graph's own
+    scaling and normalisation (float32 N x C x H x W)."""
+    logits = onnx_tools.run_logits(clf.session, clf.preprocess(images))
+    return logits.reshape(-1, *clf.input_shape)
 
 
 def _gray_model(tmp_path, **kwargs) -> OnnxClassifier:
     return OnnxClassifier(linear_classifier(tmp_path / "gray.onnx", (1, 8, 8), **kwargs))
 
 
-def test_normalisation_uses_the_metadata_mean_and_std(tmp_path):
-    clf = _gray_model(tmp_path, mean=[0.5], std=[0.25])
-    x = clf.preprocess(Image.new("RGB", (40, 40), (128, 128, 128)))
+def test_the_graph_scales_and_normalises_with_its_mean_and_std(tmp_path):
+    clf = _identity_model(tmp_path, (1, 8, 8), mean=[0.5], std=[0.25])
+    pixels = clf.preprocess(Image.new("RGB", (40, 40), (128, 128, 128)))
+    assert pixels.dtype == np.uint8 and pixels.shape == (1, 8, 8, 1) and (pixels == 128).all()
+    x = _normalised(clf, Image.new("RGB", (40, 40), (128, 128, 128)))
     assert x.shape == (1, 1, 8, 8) and x.dtype == np.float32
     np.testing.assert_allclose(x, (128 / 255 - 0.5) / 0.25, atol=1e-6)  # about 0.0078
-    np.testing.assert_allclose(clf.preprocess(np.full((8, 8), 255, np.uint8)), 2.0, atol=1e-6)
-    np.testing.assert_allclose(clf.preprocess(np.zeros((8, 8), np.uint8)), -2.0, atol=1e-6)
+    np.testing.assert_allclose(_normalised(clf, np.full((8, 8), 255, np.uint8)), 2.0, atol=1e-6)
+    np.testing.assert_allclose(_normalised(clf, np.zeros((8, 8), np.uint8)), -2.0, atol=1e-6)
 
 
 def test_colour_channels_keep_their_order_and_own_statistics(tmp_path):
-    path = linear_classifier(
-        tmp_path / "rgb.onnx", (3, 2, 2), mean=[0.0, 0.1, 0.2], std=[1.0, 0.5, 0.25]
-    )
+    clf = _identity_model(tmp_path, (3, 2, 2), mean=[0.0, 0.1, 0.2], std=[1.0, 0.5, 0.25])
     image = np.zeros((2, 2, 3), np.uint8)
     image[..., 0], image[..., 1], image[..., 2] = 51, 102, 153  # 0.2, 0.4, 0.6 of 255
-    x = OnnxClassifier(path).preprocess(image)
+    np.testing.assert_array_equal(clf.preprocess(image), image[None])  # fed as it is
+    x = _normalised(clf, image)
     assert x.shape == (1, 3, 2, 2)
     for channel, value in enumerate([0.2, (0.4 - 0.1) / 0.5, (0.6 - 0.2) / 0.25]):
         np.testing.assert_allclose(x[0, channel], value, rtol=1e-6)
-    gray_in_rgb = OnnxClassifier(path).preprocess(np.full((2, 2), 51, np.uint8))
+    gray_in_rgb = _normalised(clf, np.full((2, 2), 51, np.uint8))
     np.testing.assert_allclose(gray_in_rgb[0, 2], (0.2 - 0.2) / 0.25, atol=1e-6)
 
 
@@ -109,24 +132,24 @@ def test_other_aspect_ratios_are_centre_cropped(tmp_path):
     noise = rng.integers(0, 256, (8, 4), dtype=np.uint8)
     wide = np.hstack([noise, digit, noise])  # 8 x 16: the centre 8 x 8 is the digit
     tall = np.vstack([noise.T, digit, noise.T])  # 16 x 8
-    expected = digit.astype(np.float32) / 255
-    np.testing.assert_array_equal(clf.preprocess(wide)[0, 0], expected)
-    np.testing.assert_array_equal(clf.preprocess(tall)[0, 0], expected)
-    np.testing.assert_array_equal(clf.preprocess(digit)[0, 0], expected)  # the right size: kept
+    np.testing.assert_array_equal(clf.preprocess(wide)[0, :, :, 0], digit)
+    np.testing.assert_array_equal(clf.preprocess(tall)[0, :, :, 0], digit)
+    np.testing.assert_array_equal(clf.preprocess(digit)[0, :, :, 0], digit)  # right size: kept
 
 
 def test_a_model_that_is_not_square_gets_its_own_height_and_width(tmp_path):
     clf = OnnxClassifier(linear_classifier(tmp_path / "wide.onnx", (1, 4, 8)))
     rows = np.repeat(np.arange(0, 240, 30, dtype=np.uint8)[:, None], 16, axis=1)  # 8 x 16
     x = clf.preprocess(rows)
-    assert x.shape == (1, 1, 4, 8)
-    assert (np.diff(x[0, 0], axis=1) == 0).all()  # rows stay rows: constant along the width
-    assert (np.diff(x[0, 0, :, 0]) > 0).all()  # and get brighter downwards, as in the image
+    assert x.shape == (1, 4, 8, 1)
+    pixels = x[0, :, :, 0].astype(int)
+    assert (np.diff(pixels, axis=1) == 0).all()  # rows stay rows: constant along the width
+    assert (np.diff(pixels[:, 0]) > 0).all()  # and get brighter downwards, as in the image
     square = np.zeros((20, 20), np.uint8)
     square[1:19, :] = 200  # black only in the first and the last row
     # the crop keeps the centre 20 x 10 (and the filter reads a few rows around it): no black
-    cropped = clf.preprocess(square)[0, 0]
-    np.testing.assert_allclose(cropped, 200 / 255, rtol=1e-6)
+    cropped = clf.preprocess(square)[0, :, :, 0]
+    np.testing.assert_array_equal(cropped, 200)
 
 
 def test_every_input_kind_gives_the_same_array(tmp_path):
@@ -148,13 +171,13 @@ def test_every_input_kind_gives_the_same_array(tmp_path):
         ".npy file": tmp_path / "digit.npy",
         ".NPY file": str(tmp_path / "upper.NPY"),
     }
-    expected = (image.astype(np.float32) / 255)[None, None]
+    expected = image[None, :, :, None]  # uint8, N x H x W x C
     for kind, value in kinds.items():
         np.testing.assert_array_equal(clf.preprocess(value), expected, err_msg=kind)
         np.testing.assert_array_equal(clf.preprocess([value]), expected, err_msg=kind)
     batch = clf.preprocess((png, image, tmp_path / "digit.npy"))  # a tuple is a batch too
     np.testing.assert_array_equal(batch, np.concatenate([expected] * 3))
-    assert clf.preprocess([]).shape == (0, 1, 8, 8) and clf.preprocess([]).dtype == np.float32
+    assert clf.preprocess([]).shape == (0, 8, 8, 1) and clf.preprocess([]).dtype == np.uint8
 
 
 def _bad_image_cases(tmp_path):
@@ -207,3 +230,28 @@ def test_an_image_mode_that_cannot_be_converted_is_named(tmp_path):
     with pytest.raises(ValueError, match=r"^image #0: cannot convert mode La \(") as err:
         clf.preprocess([odd])
     assert type(err.value).__name__ == "InvalidImage"
+
+
+@pytest.mark.slow  # a real torch.onnx export: seconds
+def test_an_exported_model_gives_the_pytorch_logits_of_the_normalised_pixels(tmp_path):
+    """`onnx_tools.export_onnx`, the one graph builder: uint8 H x W x C pixels in, the same
+    logits as the PyTorch model on the images `DeviceData` normalised (RGB, not square, so a
+    swapped axis or channel cannot pass)."""
+    mean, std = [0.2, 0.5, 0.7], [0.3, 0.25, 0.125]
+    torch.manual_seed(0)
+    model = create_model("cnn", 4, 3, 12, widths=(8,)).eval()
+    images = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (20, 3, 12, 10), np.uint8))
+    split = (images, torch.zeros(20, dtype=torch.int64))
+    data = DeviceData(Prepared({"test": split}, {"mean": mean, "std": std}), "cpu")
+    path = tmp_path / "cnn.onnx"
+    proto = onnx_tools.export_onnx(model, path, (3, 12, 10), mean=mean, std=std)
+    pixels_type = proto.graph.input[0].type.tensor_type
+    assert pixels_type.elem_type == onnx.TensorProto.UINT8
+    assert [d.dim_value or d.dim_param for d in pixels_type.shape.dim] == ["batch", 12, 10, 3]
+    session, _ = onnx_tools.make_session(path, "cpu")
+    logits = onnx_tools.run_logits(session, onnx_tools.pixels_nhwc(images))
+    with torch.no_grad():
+        expected = model(data.x["test"]).numpy()
+    np.testing.assert_allclose(logits, expected, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="^the model takes uint8 pixels .*; got a float32 array"):
+        onnx_tools.run_logits(session, data.x["test"].numpy())  # never normalised twice

@@ -298,7 +298,7 @@ def test_two_workers_share_one_study_without_duplicates(tmp_path, tiny_params):
     )
     numbers = sorted(int(r.data.tags["trial_number"]) for r in runs)
     assert numbers == sorted(t.number for t in real)
-    metrics = json.loads((project / "metrics" / "search.json").read_text())
+    metrics = json.loads((project / "reports" / "search.json").read_text())
     assert metrics["n_complete"] == n and metrics["n_failed"] == 0
 
 
