@@ -43,9 +43,9 @@ MUTATION_TARGETS ?= pipeline.config.* pipeline.stats.* \
 	pipeline.inference.*preprocess__* pipeline.inference.*_to_pil__* \
 	pipeline.inference.*_as_list__* pipeline.inference.*_image_name__* \
 	pipeline.study.* \
-	pipeline.search.x_summarize__* pipeline.search.x_check_above_chance__* \
-	pipeline.search.x_choose_tuned__* pipeline.search.x_trial_rows__* \
-	pipeline.search.x__worker_threads__* \
+	pipeline.search_study.x_summarize__* pipeline.search.x_check_above_chance__* \
+	pipeline.search.x_choose_tuned__* pipeline.search_study.x_trial_rows__* \
+	pipeline.search_study.x__worker_threads__* \
 	pipeline.ratio_search.x_judge__* pipeline.ratio_search.x_search_ratio__* \
 	pipeline.ratio_search.x_reuse_equal_widths__* pipeline.compress.x_resolve_params__* \
 	pipeline.ratio_search.x_attempts_note__* \

@@ -1,6 +1,6 @@
 """Scaling of the search stage: wall time as n_trials doubles (8, 16, 32), with 1 and 2 workers.
 
-Runs the search stage's study loop (`pipeline.search.run_study`, default params: digits, cnn,
+Runs the search stage's study loop (`pipeline.search_study.run_study`, default params: digits, cnn,
 TPE + Hyperband, every trial a nested MLflow run in a temp sqlite store) in a temp project
 folder. Seconds per finished trial show how cost grows with work; the last line is the
 2-worker speedup at the largest n_trials.
@@ -25,7 +25,7 @@ from _common import machine, print_table  # noqa: E402
 from pipeline import paths  # noqa: E402
 from pipeline.config import parse_params  # noqa: E402
 from pipeline.data import prepare, save_prepared  # noqa: E402
-from pipeline.search import run_study  # noqa: E402
+from pipeline.search_study import run_study  # noqa: E402
 from pipeline.tracking import stage_run  # noqa: E402
 from pipeline.train import load_device_data  # noqa: E402
 

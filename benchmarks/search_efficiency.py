@@ -1,6 +1,6 @@
 """Search efficiency: does the model-based sampler matter, and how many epochs does pruning save?
 
-Strategies, each through the pipeline's own study code (`pipeline.search.run_study`, sqlite
+Strategies, each through the pipeline's own study code (`pipeline.search_study.run_study`, sqlite
 storage in a temp folder, MLflow off), same space, trial count and per-trial epoch budget:
 - ours: TPE + successive halving (the default: one bracket, so TPE models every trial);
 - random + successive halving: the same pruner, a random sampler (does TPE pay?);
@@ -47,7 +47,7 @@ from _common import machine, print_table  # noqa: E402
 
 from pipeline.config import parse_params  # noqa: E402
 from pipeline.data import DeviceData, prepare  # noqa: E402
-from pipeline.search import run_study, summarize, trial_rows  # noqa: E402
+from pipeline.search_study import run_study, summarize, trial_rows  # noqa: E402
 from pipeline.train import train_and_evaluate  # noqa: E402
 
 OURS = "ours: tpe + successive halving"

@@ -9,17 +9,29 @@ dataset.json). Run: `dvc repro prepare`, `pipeline prepare` or `python -m pipeli
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 
 from pipeline import paths
-from pipeline.config import load_params
+from pipeline.config import Params, load_params
 from pipeline.data import Prepared, prepare, save_prepared
 from pipeline.errors import stage_entry
 from pipeline.tracking import check_tracking, stage_run
 
+# no metrics/prepare.json: the split sizes are fixed by `data.*` and the dataset, so they are
+# nothing to compare across experiments; they go to MLflow and dataset.json
+METRIC_KEYS: tuple[str, ...] = ()
 
-def run(params) -> Prepared:
-    """Load and split the dataset; no file output."""
-    return prepare(params.data, params.seed)
+
+@dataclass
+class PrepareOutcome:
+    prepared: Prepared  # the splits (uint8 tensors + labels) and dataset.json's info
+    metrics: dict  # images per split, classes: what MLflow gets
+
+
+def run(params: Params) -> PrepareOutcome:
+    """Load and split the dataset named by `data.*`; no file output."""
+    prepared = prepare(params.data, params.seed)
+    return PrepareOutcome(prepared, dataset_metrics(prepared.info))
 
 
 def dataset_metrics(info: dict) -> dict:
@@ -36,12 +48,12 @@ def _split_hashes(info: dict) -> dict:
 def main(argv: list[str] | None = None) -> None:
     params = load_params(paths.PARAMS)
     check_tracking(params)  # before any work: the run starts once the data is written
-    prepared = run(params)
-    save_prepared(prepared, paths.PREPARED_DIR)
-    info = prepared.info
+    outcome = run(params)
+    save_prepared(outcome.prepared, paths.PREPARED_DIR)
+    info = outcome.prepared.info
     with stage_run("prepare", params, info["sha256"]["all"]) as tracker:
         tracker.log_params(params.to_dict())
-        tracker.log_metrics(dataset_metrics(info))
+        tracker.log_metrics(outcome.metrics)
         tracker.set_tags({"dataset": info["name"], **_split_hashes(info)})
         tracker.log_artifact(paths.DATASET_JSON, "data")
     print(

@@ -35,7 +35,7 @@ class TrainOutcome:
     model: nn.Module
     arch: dict
     fit: FitResult
-    metrics: dict
+    metrics: dict  # the record for reports/train.json
 
 
 def load_device_data(params: Params, worker_index: int = 0) -> DeviceData:
@@ -82,30 +82,39 @@ def train_and_evaluate(
     return TrainOutcome(model, arch, result, metrics)
 
 
-def run(params: Params, on_epoch: EpochCallback | None = None) -> TrainOutcome:
-    return train_and_evaluate(params, load_device_data(params), on_epoch=on_epoch)
+def run(
+    params: Params, data: DeviceData | None = None, on_epoch: EpochCallback | None = None
+) -> TrainOutcome:
+    """Train the baseline with `train.*` on `data` (`load_device_data(params)` when None); no
+    file output. The record for `reports/train.json` is `TrainOutcome.metrics`."""
+    return train_and_evaluate(params, data or load_device_data(params), on_epoch=on_epoch)
+
+
+def write_outputs(outcome: TrainOutcome, params: Params, info: dict) -> None:
+    """models/baseline.pt, metrics/ and reports/train.json, plots/train_curve.{csv,png}."""
+    m = outcome.metrics
+    save_checkpoint(paths.BASELINE_CKPT, outcome.model, outcome.arch, params, info, m)
+    write_results("train", m, METRIC_KEYS)
+    write_csv(paths.PLOTS_DIR / "train_curve.csv", outcome.fit.history)
+    training_curves(
+        outcome.fit.history,
+        paths.PLOTS_DIR / "train_curve.png",
+        f"baseline {params.model.name} on {info['name']}",
+    )
 
 
 @stage_entry
 def main(argv: list[str] | None = None) -> None:
     params = load_params(paths.PARAMS)
-    info = load_prepared(paths.PREPARED_DIR).info
+    data = load_device_data(params)
+    info = data.info
     with stage_run("train", params, info["sha256"]["all"]) as tracker:
         tracker.log_params(params.to_dict())
-        outcome = run(params, on_epoch=lambda epoch, m: tracker.log_metrics(m, step=epoch))
+        outcome = run(params, data, on_epoch=lambda epoch, m: tracker.log_metrics(m, step=epoch))
         if outcome.fit.status != "ok":
             tracker.set_tags({"status": outcome.fit.status})
             raise StageFailed(f"train: {outcome.fit.message}; lower train.lr")
-        save_checkpoint(
-            paths.BASELINE_CKPT, outcome.model, outcome.arch, params, info, outcome.metrics
-        )
-        write_results("train", outcome.metrics, METRIC_KEYS)
-        write_csv(paths.PLOTS_DIR / "train_curve.csv", outcome.fit.history)
-        training_curves(
-            outcome.fit.history,
-            paths.PLOTS_DIR / "train_curve.png",
-            f"baseline {params.model.name} on {info['name']}",
-        )
+        write_outputs(outcome, params, info)
         per_epoch = set(outcome.fit.history[0])
         tracker.log_metrics({k: v for k, v in outcome.metrics.items() if k not in per_epoch})
         tracker.log_artifact(paths.PLOTS_DIR / "train_curve.png", "plots")

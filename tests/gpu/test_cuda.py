@@ -96,7 +96,7 @@ def test_onnx_providers_follow_what_really_runs(tmp_path, digits):
 
 def test_search_trials_run_on_the_gpu(tmp_path, digits):
     optuna = pytest.importorskip("optuna")
-    from pipeline import search
+    from pipeline import search_study
 
     params = parse_params(
         {
@@ -105,7 +105,7 @@ def test_search_trials_run_on_the_gpu(tmp_path, digits):
         }
     )
     data = DeviceData(digits, torch.device("cuda"), channels_last=True)
-    study = search.run_study(params, data, "gpu", None, progress=False)
+    study = search_study.run_study(params, data, "gpu", None, progress=False)
     finished = [t for t in study.trials if t.state.is_finished()]
     assert len(finished) == 4
     assert all(t.user_attrs["device"].startswith("cuda") for t in study.trials)

@@ -11,7 +11,7 @@ from matplotlib.colors import to_rgba
 from matplotlib.text import Text
 from mlflow.tracking import MlflowClient
 
-from pipeline import compress, export, paths, plots, results, search, train
+from pipeline import compress, export, paths, plots, results, search, search_study, train
 from pipeline.config import parse_params
 from pipeline.tracking import EXPERIMENT_KIND, stage_run, tracking_uri
 
@@ -194,11 +194,11 @@ def test_a_study_in_the_project_is_copied_into_the_dvc_copy_for_its_output(tmp_p
     db.close()
     monkeypatch.chdir(copy)
     monkeypatch.delenv("DVC_ROOT", raising=False)
-    assert search.snapshot_study("sqlite:///studies/optuna.db") is None  # not in a copy
+    assert search_study.snapshot_study("sqlite:///studies/optuna.db") is None  # not in a copy
     monkeypatch.setenv("DVC_ROOT", str(project))
-    local = search.snapshot_study("sqlite:///studies/optuna.db")
+    local = search_study.snapshot_study("sqlite:///studies/optuna.db")
     assert local == paths.Path("studies/optuna.db")
     with sqlite3.connect(copy / "studies" / "optuna.db") as db:
         assert db.execute("select count(*) from trials").fetchone() == (3,)
     db.close()
-    assert search.snapshot_study("postgresql://h/db") is None
+    assert search_study.snapshot_study("postgresql://h/db") is None

@@ -14,7 +14,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from pipeline import search, study
+from pipeline import search, search_study, study
 from pipeline.checkpoint import load_checkpoint, save_checkpoint
 from pipeline.config import parse_params
 from pipeline.data import DeviceData, prepare
@@ -135,7 +135,7 @@ def test_unchanged_space_resumes_and_more_trials_runs_only_the_missing(
 ):
     data = DeviceData(digits_prepared, torch.device("cpu"))
     params = _params(tmp_path, tiny_params, n_trials=3, epochs=2, pruner="none")
-    first = search.run_study(params, data, "s", None, progress=False)
+    first = search_study.run_study(params, data, "s", None, progress=False)
     first_params = [t.params for t in first.trials]
     assert len(first_params) == 3
     # a new study starts from params.yaml's own values
@@ -147,7 +147,7 @@ def test_unchanged_space_resumes_and_more_trials_runs_only_the_missing(
     }
     assert first.trials[0].user_attrs["source"] == "params.yaml"
     more = _params(tmp_path, tiny_params, n_trials=5, epochs=2, pruner="none")
-    second = search.run_study(more, data, "s", None, progress=False)
+    second = search_study.run_study(more, data, "s", None, progress=False)
     assert [t.number for t in second.trials] == [0, 1, 2, 3, 4]
     assert [t.params for t in second.trials[:3]] == first_params
     # the derived name changes with the space and stays with n_trials / workers
@@ -205,7 +205,7 @@ def test_diverging_trials_fail_with_reason_and_study_goes_on(
     study = optuna.create_study()  # in-memory: only the objective is under test here
     from pipeline.study import make_objective
 
-    objective = make_objective(params, data, None, search._trial_trainer(params, data))
+    objective = make_objective(params, data, None, search_study._trial_trainer(params, data))
     study.optimize(objective, n_trials=3, catch=(Exception,))
     assert [t.state for t in study.trials] == [TrialState.FAIL] * 3
     assert all("nan" in t.user_attrs["fail_reason"] for t in study.trials)
@@ -434,7 +434,7 @@ def test_every_pruner_stops_hopeless_trials_in_a_real_study(
         space={"lr": [0.01, 20.0], "batch_size": [128]},
     )
     data = DeviceData(digits_prepared, torch.device("cpu"))
-    result = search.run_study(params, data, "s", None, progress=False)
+    result = search_study.run_study(params, data, "s", None, progress=False)
     states = [t.state for t in result.trials]
     assert sum(s in (TrialState.COMPLETE, TrialState.PRUNED) for s in states) == 10
     assert TrialState.PRUNED in states
@@ -444,7 +444,7 @@ def test_every_pruner_stops_hopeless_trials_in_a_real_study(
 def test_timeout_stops_starting_trials(tmp_path, tiny_params, digits_prepared):
     data = DeviceData(digits_prepared, torch.device("cpu"))
     params = _params(tmp_path, tiny_params, n_trials=50, epochs=2, timeout_s=1e-6)
-    result = search.run_study(params, data, "s", None, progress=False)
+    result = search_study.run_study(params, data, "s", None, progress=False)
     assert [t for t in result.trials if t.state != TrialState.WAITING] == []
     with pytest.raises(StageFailed, match="no trial of study .* completed"):
         search.run(params, data, None, None, progress=False)
@@ -458,7 +458,7 @@ def test_the_study_hands_back_torch_threads(tmp_path, tiny_params, digits_prepar
     torch.set_num_threads(different)
     try:
         params = _params(tmp_path, tiny_params, n_trials=1, epochs=1)
-        search.run_study(params, data, "s", None, progress=False)
+        search_study.run_study(params, data, "s", None, progress=False)
         assert torch.get_num_threads() == different
     finally:
         torch.set_num_threads(before)
@@ -492,15 +492,15 @@ def test_a_params_yaml_trial_enqueued_twice_runs_once(tmp_path, tiny_params, dig
     fixed = {"lr": train.lr, "batch_size": train.batch_size, "weight_decay": train.weight_decay}
     for _ in range(2):
         s.enqueue_trial(fixed, user_attrs={"source": "params.yaml"})
-    result = search.run_study(params, data, "s", None, progress=False)
+    result = search_study.run_study(params, data, "s", None, progress=False)
     ran = [t for t in result.trials if t.state == TrialState.COMPLETE]
     assert len(ran) == 3
     assert sum(t.params == fixed for t in ran) == 1
     duplicate = result.trials[1]
     assert duplicate.state == TrialState.FAIL
     assert duplicate.user_attrs["fail_reason"] == "duplicate: params.yaml trial 0"
-    rows = search.trial_rows(result)
-    assert search.summarize(params, result, rows)["n_failed"] == 0
+    rows = search_study.trial_rows(result)
+    assert search_study.summarize(params, result, rows)["n_failed"] == 0
 
 
 # ---- fast tests of the study and search decisions (in-memory Optuna studies, stand-in trainer)
@@ -1170,7 +1170,7 @@ def _search_study():
 
 
 def test_trial_rows_one_per_trial_with_params_and_bookkeeping():
-    rows = search.trial_rows(_search_study())
+    rows = search_study.trial_rows(_search_study())
     assert rows[0] == {
         "number": 0,
         "state": "COMPLETE",
@@ -1194,7 +1194,7 @@ def test_trial_rows_one_per_trial_with_params_and_bookkeeping():
 def test_summarize_counts_real_trials_and_the_epochs_pruning_saved(tiny_params):
     s = _search_study()
     params = parse_params({"search": {"epochs": 4}})
-    summary = search.summarize(params, s, search.trial_rows(s))
+    summary = search_study.summarize(params, s, search_study.trial_rows(s))
     assert summary == {
         "study_name": s.study_name,
         "best_trial_val_accuracy": 0.9,
@@ -1211,18 +1211,20 @@ def test_summarize_counts_real_trials_and_the_epochs_pruning_saved(tiny_params):
 def test_summarize_rounds_the_best_value_to_6_digits():
     s = optuna.create_study(direction="maximize")
     s.add_trial(optuna.trial.create_trial(value=0.123456789))
-    summary = search.summarize(parse_params({}), s, search.trial_rows(s))
+    summary = search_study.summarize(parse_params({}), s, search_study.trial_rows(s))
     assert summary["best_trial_val_accuracy"] == 0.123457
 
 
 def test_worker_threads_split_this_process_cpus(monkeypatch):
-    monkeypatch.setattr(search.os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
-    monkeypatch.setattr(search.os, "cpu_count", lambda: 64)
-    assert [search._worker_threads(w) for w in (1, 2, 3, 8, 9)] == [8, 4, 2, 1, 1]
-    monkeypatch.delattr(search.os, "sched_getaffinity", raising=False)
-    assert search._worker_threads(4) == 16  # no affinity: every CPU
-    monkeypatch.setattr(search.os, "cpu_count", lambda: None)
-    assert search._worker_threads(1) == 1 and search._worker_threads(2) == 1
+    monkeypatch.setattr(
+        search_study.os, "sched_getaffinity", lambda pid: set(range(8)), raising=False
+    )
+    monkeypatch.setattr(search_study.os, "cpu_count", lambda: 64)
+    assert [search_study._worker_threads(w) for w in (1, 2, 3, 8, 9)] == [8, 4, 2, 1, 1]
+    monkeypatch.delattr(search_study.os, "sched_getaffinity", raising=False)
+    assert search_study._worker_threads(4) == 16  # no affinity: every CPU
+    monkeypatch.setattr(search_study.os, "cpu_count", lambda: None)
+    assert search_study._worker_threads(1) == 1 and search_study._worker_threads(2) == 1
 
 
 def _labels(counts):

@@ -1,0 +1,185 @@
+"""The search stage's study runner: N worker processes on one Optuna study, and the study's
+trials as rows and a summary.
+
+`run_study` runs the study (`pipeline.study`: sampler, pruner, objective, storage) to
+`search.n_trials` finished trials with `search.workers` processes, each with its share of the
+CPU threads; `trial_rows` / `summarize` turn the study into `studies/trials.csv` rows and the
+search record's counts (trials complete / pruned / failed, epochs spent and saved);
+`snapshot_study` keeps DVC's `studies/optuna.db` output in a queued or `--temp` experiment.
+The search stage (`pipeline.search`) and the benchmarks call these.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import time
+from pathlib import Path
+
+import optuna
+import torch
+from tqdm.auto import tqdm
+
+from pipeline import paths
+from pipeline.config import Params, parse_params
+from pipeline.data import DeviceData
+from pipeline.engine import fit
+from pipeline.study import (
+    enqueue_current_params,
+    is_skipped,
+    load_study,
+    make_objective,
+    reconcile_stale_runs,
+    run_worker,
+)
+from pipeline.train import load_device_data
+
+TRIAL_COLUMNS = [
+    "number",
+    "state",
+    "lr",
+    "batch_size",
+    "weight_decay",
+    "value",
+    "epochs_run",
+    "seconds",
+    "worker",
+    "fail_reason",
+]
+
+
+def _trial_trainer(params: Params, data: DeviceData):
+    """train_fn for the objective: a fresh seeded model trained by the shared engine."""
+    from pipeline.checkpoint import arch_spec, build_model
+
+    arch = arch_spec(params, data.info)
+
+    def train_fn(train_cfg, on_epoch):
+        torch.manual_seed(params.seed)
+        model = build_model(arch)
+        return fit(model, data, train_cfg, seed=params.seed, on_epoch=on_epoch, progress=False)
+
+    return train_fn
+
+
+def _worker_threads(workers: int) -> int:
+    """Torch threads per worker: this process's CPU share (taskset, cgroup cpusets) split
+    between the workers, so N workers never oversubscribe the cores."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, (cpus or 1) // workers)
+
+
+def _worker_process(raw_params: dict, name: str, parent_run_id, index: int, deadline) -> None:
+    """Entry point of an extra worker process (spawned): own data, own sampler seed."""
+    params = parse_params(raw_params)
+    torch.set_num_threads(_worker_threads(params.search.workers))
+    data = load_device_data(params, index)
+    study = load_study(params, name, worker=index)
+    objective = make_objective(params, data, parent_run_id, _trial_trainer(params, data), index)
+    run_worker(study, objective, params.search.n_trials, deadline)
+
+
+def run_study(
+    params: Params, data: DeviceData, name: str, parent_run_id: str | None, progress: bool = True
+) -> optuna.Study:
+    """Run the study to `search.n_trials` finished trials with `search.workers` processes."""
+    s = params.search
+    study = load_study(params, name)
+    if parent_run_id:
+        study.set_user_attr("mlflow_parent_run_id", parent_run_id)
+    enqueue_current_params(study, params)
+    reconcile_stale_runs(params, study)
+    deadline = time.time() + s.timeout_s if s.timeout_s else None
+    context = multiprocessing.get_context("spawn")
+    extra = [
+        context.Process(
+            target=_worker_process,
+            daemon=True,
+            args=(params.to_dict(), name, parent_run_id, i, deadline),
+        )
+        for i in range(1, s.workers)
+    ]
+    for proc in extra:
+        proc.start()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(_worker_threads(s.workers))
+    bar = tqdm(
+        total=s.n_trials, desc=f"search {name}", unit="trial", disable=None if progress else True
+    )
+
+    def on_progress(c):
+        bar.update(min(c["finished"], s.n_trials) - bar.n)
+
+    try:
+        objective = make_objective(params, data, parent_run_id, _trial_trainer(params, data))
+        run_worker(study, objective, s.n_trials, deadline, on_progress)
+        for proc in extra:
+            proc.join()
+    finally:
+        bar.close()
+        torch.set_num_threads(threads)  # the retrain and later stages get every thread back
+        for proc in extra:
+            if proc.is_alive():
+                proc.terminate()
+    reconcile_stale_runs(params, study)
+    return study
+
+
+def trial_rows(study: optuna.Study) -> list[dict]:
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        rows.append(
+            {
+                "number": t.number,
+                "state": t.state.name,
+                **{k: t.params.get(k) for k in ("lr", "batch_size", "weight_decay")},
+                "value": t.value,
+                "epochs_run": t.user_attrs.get("epochs_run", len(t.intermediate_values)),
+                "seconds": t.user_attrs.get("seconds"),
+                "worker": t.user_attrs.get("worker"),
+                "fail_reason": t.user_attrs.get("fail_reason", ""),
+            }
+        )
+    return rows
+
+
+def summarize(params: Params, study: optuna.Study, rows: list[dict]) -> dict:
+    real = [r for r in rows if not is_skipped(r["fail_reason"])]
+    pruned = [r for r in real if r["state"] == "PRUNED"]
+    return {
+        "study_name": study.study_name,
+        "best_trial_val_accuracy": round(study.best_value, 6),
+        "best_trial": study.best_trial.number,
+        "n_complete": sum(r["state"] == "COMPLETE" for r in real),
+        "n_pruned": len(pruned),
+        "n_failed": sum(r["state"] == "FAIL" for r in real),
+        "epochs_spent": sum(r["epochs_run"] for r in real),
+        "epochs_saved_by_pruning": sum(params.search.epochs - r["epochs_run"] for r in pruned),
+        "epochs_without_pruning": params.search.epochs
+        * len([r for r in real if r["state"] != "FAIL"]),
+    }
+
+
+def snapshot_study(url: str) -> Path | None:
+    """When a relative SQLite study lives in the project's own folder but this stage runs in a
+    copy (a queued or `--temp` DVC experiment), copy the study into the copy's file (SQLite's
+    online backup), so that DVC's `studies/optuna.db` output exists and holds what this
+    experiment saw; return that file. None when the study is already there, or not SQLite."""
+    import contextlib
+    import sqlite3
+
+    project_url = paths.storage_url(url)
+    if project_url == url:
+        return None
+    local = Path(url.removeprefix("sqlite:///").split("?")[0])
+    project_file = Path(project_url.removeprefix("sqlite:///").split("?")[0])
+    if local.resolve() == project_file.resolve():
+        return None
+    local.parent.mkdir(parents=True, exist_ok=True)
+    local.unlink(missing_ok=True)
+    with (
+        contextlib.closing(sqlite3.connect(project_file)) as source,
+        contextlib.closing(sqlite3.connect(local)) as copy,
+    ):
+        source.backup(copy)
+    return local
