@@ -4,14 +4,18 @@ Tests that change the copy (params, a second repro) must run last: they are coll
 `test_zz_*.py` files, or restore what they change.
 """
 
+import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 
 from tests.conftest import TINY_PARAMS, copy_project, subprocess_env, write_params
 
 
-def dvc(project, *args):
+def dvc(project, *args, stdout_only: bool = False):
+    """Run `dvc *args` in `project`, which must succeed; its output (stdout and stderr, or
+    stdout alone for output to parse, such as `--json`)."""
     proc = subprocess.run(
         ["dvc", *args],
         cwd=project,
@@ -21,7 +25,7 @@ def dvc(project, *args):
         timeout=1800,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    return proc.stdout + proc.stderr
+    return proc.stdout if stdout_only else proc.stdout + proc.stderr
 
 
 @pytest.fixture(scope="session")
@@ -31,3 +35,12 @@ def e2e_project(tmp_path_factory):
     write_params(project, TINY_PARAMS)
     output = dvc(project, "repro")
     return project, output
+
+
+def copy_built_project(project: Path, dest: Path) -> Path:
+    """A copy of the built `project` (git history, DVC cache and lock, every output) for a test
+    that runs stages in it, without its MLflow stores: the copy starts an empty `mlflow.db`
+    (the original's experiment keeps its artifacts in the original's `mlruns/`)."""
+    ignore = shutil.ignore_patterns("mlflow.db", "mlruns", "mlartifacts", "logs", "__pycache__")
+    shutil.copytree(project, dest, symlinks=True, ignore=ignore)
+    return dest
