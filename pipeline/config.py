@@ -108,6 +108,8 @@ def check_tracking_uri(uri: str, key: str) -> None:
 
     allowed = f"sqlite:///PATH, a folder, or a URI of scheme {', '.join(TRACKING_SCHEMES)}"
     scheme = urlsplit(uri).scheme if "://" in uri or uri.startswith("sqlite:") else ""
+    if uri == "databricks":  # MLflow's name for the default Databricks profile
+        scheme = "databricks"
     if not uri.strip() or (scheme and scheme.split("+")[0] not in TRACKING_SCHEMES):
         raise ConfigError(f"{key}: got {uri!r}; expected {allowed}")
     file_store_allowed = os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() in ("true", "1")

@@ -9,7 +9,14 @@ import pytest
 import yaml
 
 from pipeline import prepare, train
-from pipeline.config import Params, SearchConfig, build, load_params, parse_params
+from pipeline.config import (
+    Params,
+    SearchConfig,
+    build,
+    check_tracking_uri,
+    load_params,
+    parse_params,
+)
 from pipeline.errors import ConfigError
 from tests.conftest import REPO_ROOT, run_module
 
@@ -305,3 +312,71 @@ def test_stage_process_exits_2_with_one_line_and_no_traceback(tmp_path, stage):
     assert "Traceback" not in proc.stderr
     assert lines[0].startswith(EXPECTED_ERROR[stage])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
+
+
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "http://127.0.0.1:5000",
+        "https://mlflow.example.org/path",
+        "postgresql://user@db.example.org/mlflow",
+        "postgresql+psycopg2://user@db.example.org/mlflow",
+        "mysql+pymysql://user@db/mlflow",
+        "mssql://user@db/mlflow",
+        "databricks",
+        "databricks://profile",
+    ],
+)
+def test_tracking_uris_mlflow_opens_are_accepted(uri):
+    check_tracking_uri(uri, "tracking.uri")  # raises on refusal
+
+
+def test_a_sqlite_tracking_uri_in_an_existing_folder_is_accepted(tmp_path):
+    check_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db", "tracking.uri")
+    check_tracking_uri("sqlite:///mlflow.db", "tracking.uri")  # the working directory
+
+
+@pytest.mark.parametrize(
+    ("uri", "message"),
+    [
+        ("", "got ''; expected sqlite:///PATH, a folder, or a URI of scheme file, sqlite, "),
+        ("   ", "got '   '; expected sqlite:///PATH"),
+        ("ftp://host/x", "got 'ftp://host/x'; expected sqlite:///PATH, a folder, or a URI"),
+        ("redis+http://h", "got 'redis+http://h'; expected sqlite:///PATH"),
+        ("https://", "got 'https://'; expected a host after https://"),
+        ("postgresql+psycopg2:///db", "expected a host after postgresql+psycopg2://"),
+        ("mysql:///db", "got 'mysql:///db'; expected a host after mysql://"),
+        ("mssql:///db", "expected a host after mssql://"),
+        ("sqlite:mlflow.db", "got 'sqlite:mlflow.db'; expected sqlite:///PATH (three slashes)"),
+        ("sqlite://mlflow.db", "expected sqlite:///PATH (three slashes)"),
+        ("mlruns", "got 'mlruns'; MLflow 3 opens a folder store only with MLFLOW_ALLOW_FILE"),
+        ("file:///tmp/mlruns", "MLflow 3 opens a folder store only with MLFLOW_ALLOW_FILE_STORE"),
+    ],
+)
+def test_tracking_uris_mlflow_cannot_open_are_refused_naming_key_value_and_allowed(
+    uri, message, monkeypatch
+):
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    with pytest.raises(ConfigError) as err:
+        check_tracking_uri(uri, "tracking.uri")
+    assert str(err.value).startswith("tracking.uri: got ") and message in str(err.value)
+
+
+@pytest.mark.parametrize("value", ["true", "TRUE", "1"])
+def test_a_folder_store_is_accepted_when_mlflow_is_told_to_allow_it(value, monkeypatch):
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", value)
+    check_tracking_uri("mlruns", "tracking.uri")
+    check_tracking_uri("file:///tmp/mlruns", "tracking.uri")
+    check_tracking_uri("C:/mlruns", "tracking.uri")  # a Windows folder, not a scheme "c"
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "no")
+    with pytest.raises(ConfigError, match="MLFLOW_ALLOW_FILE_STORE"):
+        check_tracking_uri("mlruns", "tracking.uri")
+
+
+def test_a_sqlite_uri_in_a_missing_folder_names_the_folder(tmp_path):
+    uri = f"sqlite:///{tmp_path}/missing/m.db"
+    with pytest.raises(ConfigError) as err:
+        check_tracking_uri(uri, "export.x")
+    assert str(err.value) == (
+        f"export.x: got {uri!r}; folder {str(tmp_path / 'missing')!r} does not exist"
+    )
