@@ -104,8 +104,7 @@ def onnxruntime_logits(path: str | Path, x: np.ndarray, batch_size: int = 64) ->
     from pipeline import onnx_tools
 
     session, _ = onnx_tools.session_for(path, "CPUExecutionProvider")
-    name = session.get_inputs()[0].name
-    return _batches(lambda b: session.run(None, {name: b})[0], x, batch_size)
+    return onnx_tools.run_logits(session, x, batch_size)
 
 
 def reference_logits(path: str | Path, x: np.ndarray, batch_size: int = 64) -> np.ndarray:
