@@ -162,6 +162,63 @@ class SpaceConfig:
         default=(1e-6, 1e-2),
         metadata=_check(_bounds, "[low, high] with 0 < low < high (log-uniform)"),
     )
+    # architecture (null: not searched): a multiplier of model.widths (cnn, resnet) or
+    # model.hidden (mlp), drawn in steps of WIDTH_STEP; resnet depths to choose from
+    width: tuple[float, ...] | None = field(
+        default=None,
+        metadata=_check(
+            lambda t: _bounds(t) and all(_on_width_grid(x) for x in t),
+            "[low, high] with 0 < low < high, both multiples of 0.125 (or null)",
+        ),
+    )
+    depth: tuple[int, ...] | None = field(
+        default=None,
+        metadata=_check(
+            lambda t: len(t) > 0 and all(d >= 8 and (d - 2) % 6 == 0 for d in t),
+            "a non-empty list of resnet depths 6n+2 >= 8 (or null)",
+        ),
+    )
+
+
+WIDTH_MODELS = ("cnn", "resnet", "mlp")  # the models search.space.width scales
+WIDTH_STEP = 0.125  # search.space.width is drawn on this grid: few architectures, each timed once
+OBJECTIVES = ("latency", "size", "macs")  # the second objective's choices (minimised)
+
+
+def _on_width_grid(x: float) -> bool:
+    return abs(x / WIDTH_STEP - round(x / WIDTH_STEP)) < 1e-9
+
+
+@dataclass(frozen=True)
+class SelectConfig:
+    """search.select as a budget: exactly one key."""
+
+    latency_budget_ms: float | None = field(default=None, metadata=_check(_positive, "> 0"))
+    size_budget_mb: float | None = field(default=None, metadata=_check(_positive, "> 0"))
+    macs_budget_m: float | None = field(default=None, metadata=_check(_positive, "> 0"))
+    min_accuracy: float | None = field(
+        default=None, metadata=_check(lambda x: 0 < x <= 1, "0 < x <= 1")
+    )
+
+    def chosen(self) -> tuple[str, float]:
+        """(key, value) of the one budget set."""
+        return next((k, v) for k, v in dataclasses.asdict(self).items() if v is not None)
+
+    def validate(self) -> None:
+        given = [k for k, v in dataclasses.asdict(self).items() if v is not None]
+        if len(given) != 1:
+            raise ConfigError(
+                f"search.select: got {given or 'no budget'}; expected max_accuracy or exactly "
+                f"one of {', '.join(f.name for f in dataclasses.fields(self))}"
+            )
+
+
+# search.select budget key -> the objective it bounds
+BUDGET_OBJECTIVE = {
+    "latency_budget_ms": "latency",
+    "size_budget_mb": "size",
+    "macs_budget_m": "macs",
+}
 
 
 @dataclass(frozen=True)
@@ -170,7 +227,7 @@ class SearchConfig:
     timeout_s: float | None = field(default=None, metadata=_check(_positive, "> 0 or null"))
     epochs: int = field(default=12, metadata=_check(lambda x: 1 <= x <= 10_000, "1..10000"))
     min_epochs: int = field(default=1, metadata=_check(lambda x: x >= 1, ">= 1"))
-    sampler: Literal["tpe", "random", "cmaes", "qmc"] = "tpe"
+    sampler: Literal["tpe", "nsga2", "random", "cmaes", "qmc"] = "tpe"
     pruner: Literal["successive_halving", "hyperband", "median", "none"] = "successive_halving"
     # successive_halving / hyperband: 1 in reduction_factor trials goes on per rung
     # (2 and successive halving: benchmarks/search_efficiency.py)
@@ -179,8 +236,46 @@ class SearchConfig:
     study_name: str | None = None  # default: derived from dataset, model and search space
     workers: int = field(default=1, metadata=_check(lambda x: 1 <= x <= 256, "1..256"))
     space: SpaceConfig = SpaceConfig()
+    # [accuracy] or [accuracy, latency | size | macs]: a Pareto search (accuracy up, cost down)
+    objectives: tuple[str, ...] = field(
+        default=("accuracy",),
+        metadata=_check(
+            lambda t: t[:1] == ("accuracy",) and len(t) <= 2 and set(t[1:]) <= set(OBJECTIVES),
+            "[accuracy] or [accuracy, X] with X one of latency, size, macs",
+        ),
+    )
+    latency_batch: int = field(default=1, metadata=_check(lambda x: 1 <= x <= 4096, "1..4096"))
+    # which trial ships: max_accuracy, or a budget ({latency_budget_ms: X}, {min_accuracy: Y})
+    select: Literal["max_accuracy"] | SelectConfig = "max_accuracy"
+
+    @property
+    def cost(self) -> str | None:
+        """The second objective (None: accuracy alone)."""
+        return self.objectives[1] if len(self.objectives) > 1 else None
 
     def validate(self) -> None:
+        if isinstance(self.select, SelectConfig):
+            key, _ = self.select.chosen()
+            if key in BUDGET_OBJECTIVE and BUDGET_OBJECTIVE[key] != self.cost:
+                raise ConfigError(
+                    f"search.select.{key}: needs search.objectives [accuracy, "
+                    f"{BUDGET_OBJECTIVE[key]}]; got {list(self.objectives)}"
+                )
+            if key == "min_accuracy" and self.cost is None:
+                raise ConfigError(
+                    f"search.select.min_accuracy: needs a second objective in "
+                    f"search.objectives; got {list(self.objectives)}"
+                )
+        if self.cost is not None and self.sampler == "cmaes":
+            raise ConfigError(
+                "search.sampler: got 'cmaes'; with two objectives expected tpe, nsga2, random "
+                "or qmc"
+            )
+        if self.cost is not None and self.pruner not in ("successive_halving", "none"):
+            raise ConfigError(
+                f"search.pruner: got {self.pruner!r}; with two objectives expected "
+                f"successive_halving (multi-objective) or none"
+            )
         if self.min_epochs > self.epochs:
             raise ConfigError(
                 f"search.min_epochs: got {self.min_epochs}; expected <= search.epochs "
@@ -281,6 +376,8 @@ def _describe(tp) -> str:
         return "null"
     if tp is bool:
         return "true or false"
+    if dataclasses.is_dataclass(tp):
+        return f"a mapping of {' / '.join(f.name for f in dataclasses.fields(tp))}"
     return {int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
 
 
@@ -293,6 +390,10 @@ def _coerce(value, tp, key: str):
             raise bad
         return value
     if origin in (typing.Union, types.UnionType):
+        if isinstance(value, dict):  # a mapping can only be the dataclass: its own error
+            for arg in typing.get_args(tp):
+                if dataclasses.is_dataclass(arg):
+                    return build(arg, value, key)
         for arg in typing.get_args(tp):
             try:
                 return _coerce(value, arg, key)
@@ -372,6 +473,17 @@ def _validate_params(p: Params) -> None:
     check_model_name(p.model.name)
     channels, size = PREPARED_SHAPES.get(p.data.name, (3, p.data.image_size))
     check_model_fits(p.model.name, channels, size)
+    space = p.search.space
+    if space.width is not None and p.model.name not in WIDTH_MODELS:
+        raise ConfigError(
+            f"search.space.width: model.name {p.model.name!r} has no width option; expected "
+            f"null, or a model.name of {', '.join(WIDTH_MODELS)}"
+        )
+    if space.depth is not None and p.model.name != "resnet":
+        raise ConfigError(
+            f"search.space.depth: model.name {p.model.name!r} has no depth option; expected "
+            f"null, or model.name resnet"
+        )
 
 
 def parse_params(raw: Any) -> Params:

@@ -43,6 +43,7 @@ from torch import nn
 
 from pipeline.files import atomic_path
 
+CPU = "CPUExecutionProvider"
 INPUT_NAME = "input"  # uint8 pixels, batch x H x W x C
 OUTPUT_NAME = "logits"
 NORMALIZED_NAME = "normalized"  # inside the graph: the float32 NCHW tensor the model reads
@@ -433,15 +434,25 @@ def benchmark(
 
 
 def interleaved_latency(
-    sessions: dict, images: np.ndarray, rounds: int = 5, runs: int = 20, warmup_runs: int = 10
+    sessions: dict,
+    images: np.ndarray,
+    rounds: int = 5,
+    runs: int = 20,
+    warmup_runs: int = 10,
+    batch: int = 1,
 ) -> dict[str, list[list[float]]]:
-    """Batch-1 latency of several sessions timed in turns, so that a slow spell of a shared
-    machine hits each of them alike: `warmup_runs` untimed runs each, then `rounds` rounds, each
-    timing `runs` batch-1 runs (cycling over `images`) of every session, the order rotated by
-    one each round. name -> per round, the run times in milliseconds."""
+    """Latency of several sessions timed in turns, so that a slow spell of a shared machine
+    hits each of them alike: `warmup_runs` untimed runs each, then `rounds` rounds, each timing
+    `runs` runs of every session on `batch` images (cycling over `images`, repeated when there
+    are fewer), the order rotated by one each round. name -> per round, the run times in ms."""
     import time
 
-    singles = [np.ascontiguousarray(images[i : i + 1]) for i in range(len(images))]
+    if len(images) < batch:
+        images = np.concatenate([images] * -(-batch // len(images)))
+    singles = [
+        np.ascontiguousarray(images[i : i + batch])
+        for i in range(0, len(images) - batch + 1, batch)
+    ]
     names = list(sessions)
     feeds = {n: sessions[n].get_inputs()[0].name for n in names}
     for n in names:

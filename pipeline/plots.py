@@ -58,6 +58,15 @@ def _note_axes(text: str):
     return ax
 
 
+def _curve(trial) -> dict[int, float]:
+    """epoch -> val accuracy a trial reported: Optuna's intermediate values, or in a Pareto
+    study (where Optuna keeps none) the curve the trial stored (`pareto_study.CURVE_ATTR`)."""
+    if trial.intermediate_values:
+        return dict(trial.intermediate_values)
+    curve = trial.user_attrs.get("val_accuracy_by_epoch") or []
+    return {epoch: value for epoch, value in enumerate(curve, start=1)}
+
+
 def search_history_figure(study):
     """(figure, axes, points) of the search history: each complete trial's objective (val
     accuracy) against its number, each pruned trial at the last value it reported (the rung
@@ -67,15 +76,18 @@ def search_history_figure(study):
 
     points = []
     for t in study.get_trials(deepcopy=False):
-        if t.state == TrialState.COMPLETE and t.value is not None:
-            last = max(t.intermediate_values, default=None)
+        curve = _curve(t)
+        if t.state == TrialState.COMPLETE and t.values is not None:
+            last = max(curve, default=None)
+            value = t.values[0]
             points.append(
-                {"number": t.number, "state": "COMPLETE", "value": t.value, "epochs": last}
+                {"number": t.number, "state": "COMPLETE", "value": value, "epochs": last}
             )
-        elif t.state == TrialState.PRUNED and t.intermediate_values:
-            last = max(t.intermediate_values)
-            value = t.intermediate_values[last]
-            points.append({"number": t.number, "state": "PRUNED", "value": value, "epochs": last})
+        elif t.state == TrialState.PRUNED and curve:
+            last = max(curve)
+            points.append(
+                {"number": t.number, "state": "PRUNED", "value": curve[last], "epochs": last}
+            )
     fig, ax = plt.subplots(figsize=(7.2, 4.2))
     styles = {
         "COMPLETE": {"marker": "o", "color": "tab:blue", "label": "complete"},
@@ -112,15 +124,19 @@ def search_plots(study, out_dir: str | Path) -> list[Path]:
     out_dir = Path(out_dir)
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     enough = len(complete) >= 2
+    # a Pareto study: importances and contour of the val accuracy (the first objective)
+    target = {} if len(study.directions) == 1 else {"target": lambda t: t.values[0]}
     figures = {
         "search_history.png": lambda: search_history_figure(study)[1],
         "search_importance.png": lambda: (
-            ovm.plot_param_importances(study)
+            ovm.plot_param_importances(study, target_name="val accuracy", **target)
             if enough
             else _note_axes("parameter importances need 2 or more complete trials")
         ),
         "search_lr_wd.png": lambda: (
-            ovm.plot_contour(study, params=["lr", "weight_decay"])
+            ovm.plot_contour(
+                study, params=["lr", "weight_decay"], target_name="val accuracy", **target
+            )
             if enough
             else _note_axes("the lr x weight decay contour needs 2 or more complete trials")
         ),
@@ -135,6 +151,75 @@ def search_plots(study, out_dir: str | Path) -> list[Path]:
         save_figure(fig, out_dir / name)
         written.append(out_dir / name)
     return written
+
+
+def pareto_figure(
+    title: str,
+    cost_label: str | None,
+    complete: dict,
+    front: list[int],
+    stopped: list[tuple[float, float]],
+    selected: int | None,
+    budget: dict | None = None,
+):
+    """(figure, axes) of a Pareto search: every complete trial's (val accuracy, cost)
+    (`complete`: number -> point), the trials stopped early faded at their last accuracy, the
+    front (`front`: numbers, cheapest first) as a staircase, the chosen trial ringed, a budget
+    ({key: value}) as a line. `cost_label` None (a single-objective study): a note instead."""
+    if cost_label is None:
+        ax = _note_axes(
+            "single-objective search: set search.objectives: [accuracy, latency]\n"
+            "for an accuracy x latency Pareto front"
+        )
+        return ax.figure, ax
+    fig, ax = plt.subplots(figsize=(7.2, 4.2))
+    if stopped:
+        ax.scatter(
+            [c for _, c in stopped],
+            [a for a, _ in stopped],
+            marker="x",
+            color="tab:orange",
+            alpha=0.35,
+            label="stopped early (last val accuracy)",
+        )
+    if complete:
+        ax.scatter(
+            [c for _, c in complete.values()],
+            [a for a, _ in complete.values()],
+            color="tab:blue",
+            label="complete",
+        )
+        points = [complete[n] for n in front]
+        ax.step(
+            [c for _, c in points],
+            [a for a, _ in points],
+            where="post",
+            color="tab:green",
+            label=f"Pareto front ({len(points)})",
+        )
+    if selected is not None and selected in complete:
+        a, c = complete[selected]
+        ax.scatter(
+            [c],
+            [a],
+            s=160,
+            facecolors="none",
+            edgecolors="red",
+            linewidths=2,
+            label=f"chosen: trial {selected}",
+        )
+    if budget:
+        ((key, value),) = budget.items()
+        if key == "min_accuracy":
+            ax.axhline(value, color="grey", linestyle="--", label=f"min accuracy {value:g}")
+        else:
+            ax.axvline(value, color="grey", linestyle="--", label=f"budget {value:g}")
+    ax.margins(x=0.08, y=0.1)
+    ax.set_xlabel(cost_label)
+    ax.set_ylabel("val accuracy")
+    ax.set_title(title, fontsize=10)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
+    return fig, ax
 
 
 def compression_plot(variants: list[dict], max_drop: float, path: str | Path) -> None:

@@ -102,13 +102,27 @@ def manifest_table(manifest: dict) -> str:
 
 def search_summary(m: dict, best_params: dict) -> str:
     """The search stage's summary from its metrics (see `pipeline.search.run`)."""
+    pareto = m.get("n_pareto") is not None
     lines = [
         f"search {m['study_name']}: {m['n_complete']} complete, {m['n_pruned']} pruned, "
         f"{m['n_failed']} failed in {m['search_seconds']:.1f}s; best trial {m['best_trial']} val "
-        f"{m['best_trial_val_accuracy']:.4f} {best_params}, retrained val "
-        f"{m['retrained_val_accuracy']:.4f}; {m['epochs_saved_by_pruning']} epochs saved by "
-        "pruning"
+        f"{m['best_trial_val_accuracy']:.4f}"
+        + ("" if pareto else f" {best_params}")
+        + f", retrained val {m['retrained_val_accuracy']:.4f}; "
+        f"{m['epochs_saved_by_pruning']} epochs saved by early stopping"
     ]
+    if pareto:
+        cost = next(
+            k.removeprefix("selected_")
+            for k in m
+            if k.startswith("selected_") and k not in ("selected_trial", "selected_val_accuracy")
+        )
+        lines.append(
+            f"Pareto front: {m['n_pareto']} trials, hypervolume {m['hypervolume']:.6g} (reference "
+            f"accuracy, {cost}: {m['hypervolume_reference']}); {m['select']} chose trial "
+            f"{m['selected_trial']}: val {m['selected_val_accuracy']:.4f}, {cost} "
+            f"{m['selected_' + cost]:.6g}, {best_params}"
+        )
     prefix = "search_minus_baseline_val_"
     if prefix + "difference" in m:
         record = {k: m[prefix + k] for k in ("difference", "low", "high", "n_disagree")}

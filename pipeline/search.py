@@ -1,32 +1,42 @@
-"""search stage: Optuna over lr / batch size / weight decay; the winner becomes the tuned model.
+"""search stage: Optuna over lr / batch size / weight decay (and, optionally, the architecture's
+width / depth); the chosen trial becomes the tuned model.
 
 Reads: params.yaml (`seed`, `device`, `model`, `train`, `search`, `tracking`), `data/prepared/`,
 `models/baseline.pt` (the baseline to compare with; optional outside DVC).
 Writes: the study in `search.storage` (default `studies/optuna.db`, a persistent DVC output, so a
 crashed or extended search resumes), `studies/best_params.json`, `studies/trials.csv`,
-`models/tuned.pt`, `metrics/search.json` (the tuned model's val and test accuracy),
-`reports/search.json` (the whole record), `plots/search_*.png`; one MLflow run (the flattened
-params, like every stage) with every trial nested under it. `search.workers: N` runs N
-processes on the study (several machines: point them at one PostgreSQL `search.storage`).
-A relative SQLite `search.storage` lies in the project's own folder, also for a queued or
-`--temp` DVC experiment. Run: `dvc repro search`, `pipeline search`.
+`studies/pareto.csv` (the Pareto front; one objective: the best trial), `models/tuned.pt`,
+`metrics/search.json` (the tuned model's val and test accuracy, the chosen trial; a Pareto
+search: the front's size and hypervolume), `reports/search.json` (the whole record),
+`plots/search_*.png`; one MLflow run (the flattened params, like every stage) with every trial
+nested under it. `search.workers: N` runs N processes on the study (several machines: point
+them at one PostgreSQL `search.storage`). A relative SQLite `search.storage` lies in the
+project's own folder, also for a queued or `--temp` DVC experiment. Run: `dvc repro search`,
+`pipeline search`.
+
+`search.objectives: [accuracy, latency | size | macs]` makes it a Pareto search with early
+stopping (`pipeline.pareto_study`): each trial's architecture is timed in ONNX Runtime once per
+study, trials stop at the successive-halving rungs unless they rank in the top 1/eta by
+non-dominated sorting, and `search.select` picks the front trial to ship (the most accurate, the
+most accurate within a cost budget, or the cheapest above an accuracy bar).
 
 Decisions, all on the val split:
 1. Each trial's objective is the val accuracy of the model it would ship (its last epoch).
 2. A study whose best trial is not above chance level (the Wilson 95 % interval of its val
    accuracy reaches the majority-class share) fails the stage: nothing was learnt.
-3. The winner is retrained exactly as its trial was scored (its params, `search.epochs`, the
-   same seed), so `tuned_val_accuracy` reproduces `best_trial_val_accuracy` within noise.
+3. The chosen trial is retrained exactly as it was scored (its params and architecture,
+   `search.epochs`, the same seed), so `tuned_val_accuracy` reproduces its val accuracy within
+   noise.
 4. Never ship worse than the user had: the retrained winner and the baseline are compared on
    the same val images (`pipeline.stats.paired_difference`); when the winner is worse beyond
    the noise (the 95 % interval of the difference lies below 0), `models/tuned.pt` is the
-   baseline, `tuned_source: baseline`, and stderr says so. The test split is scored for the
-   report only.
+   baseline, `tuned_source: baseline`, and stderr says so (a Pareto search: only when the
+   baseline's architecture fits the cost budget, never under `min_accuracy`). The test split is
+   scored for the report only.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 import time
 from dataclasses import dataclass
@@ -37,28 +47,28 @@ import torch
 from optuna.trial import TrialState
 from torch import nn
 
-from pipeline import paths
+from pipeline import pareto_study, paths
 from pipeline.checkpoint import load_checkpoint, save_checkpoint
 from pipeline.config import Params, load_params, parse_params
 from pipeline.data import DeviceData
 from pipeline.engine import correct_per_image
 from pipeline.errors import ConfigError, StageFailed, stage_entry
 from pipeline.files import write_json
-from pipeline.plots import search_plots, write_csv
+from pipeline.plots import save_figure, search_plots, write_csv
 from pipeline.reporting import search_summary
 from pipeline.results import write_results
+from pipeline.search_space import trial_params
 from pipeline.search_study import TRIAL_COLUMNS, run_study, snapshot_study, summarize, trial_rows
 from pipeline.stats import PairedDifference, accuracy_interval, paired_difference
-from pipeline.study import (
-    load_study,
-    study_name,
-)
+from pipeline.study import load_study, study_name
 from pipeline.tracking import check_tracking, stage_run
 from pipeline.train import load_device_data, train_and_evaluate
 
 # metrics/search.json; the rest of the record (study name, tuned_source, the baseline
 # comparison, seconds) goes to reports/search.json
 METRIC_KEYS = ("tuned_val_accuracy", "tuned_test_accuracy")
+# a Pareto search adds these (the hypervolume's reference point: reports/search.json)
+PARETO_METRIC_KEYS = ("selected_trial", "n_pareto", "hypervolume")
 
 
 @dataclass
@@ -79,6 +89,7 @@ class SearchOutcome:
     best: dict
     tuned: Shipped
     metrics: dict  # the record for reports/search.json
+    params: Params
 
 
 def check_above_chance(best_value: float, data: DeviceData, params: Params) -> None:
@@ -152,25 +163,20 @@ def run(
         raise StageFailed(f"search: no trial of study {name} completed; see studies/trials.csv")
     rows = trial_rows(study)
     metrics = summarize(params, study, rows)
-    check_above_chance(study.best_value, data, params)
-    best = {
-        "params": study.best_params,
-        "value": study.best_value,
-        "trial": study.best_trial.number,
-    }
-    # exactly the trial's recipe: its params, search.epochs (its OneCycle length), its seed
-    tuned_cfg = dataclasses.replace(params.train, **study.best_params, epochs=params.search.epochs)
-    retrained = train_and_evaluate(params, data, tuned_cfg, description="retrain best")
+    check_above_chance(metrics["best_trial_val_accuracy"], data, params)
+    chosen, pareto = pareto_study.choose_trial(study, params, data.y["val"], data.info)
+    metrics.update(pareto)
+    best = {"params": chosen.params, "value": chosen.values[0], "trial": chosen.number}
+    # exactly the trial's recipe: its params and architecture, search.epochs (its OneCycle
+    # length), its seed
+    recipe = trial_params(params, chosen.params)
+    retrained = train_and_evaluate(recipe, data, recipe.train, description="retrain best")
     if retrained.fit.status != "ok":
         raise StageFailed(f"search: retraining the best params diverged: {retrained.fit.message}")
-    winner = Shipped(
-        "search",
-        retrained.model,
-        retrained.arch,
-        dataclasses.replace(params, train=tuned_cfg),
-        retrained.metrics,
-    )
+    winner = Shipped("search", retrained.model, retrained.arch, recipe, retrained.metrics)
     baseline = load_baseline(baseline_path, data)
+    if baseline and not pareto_study.baseline_fits(study, baseline.arch, params, data.info):
+        baseline = None
     tuned, difference = choose_tuned(winner, baseline, data)
     metrics.update(
         tuned_source=tuned.source,
@@ -183,7 +189,7 @@ def run(
         search_seconds=round(search_seconds, 2),
         retrain_seconds=retrained.metrics["train_seconds"],
     )
-    return SearchOutcome(study, rows, best, tuned, metrics)
+    return SearchOutcome(study, rows, best, tuned, metrics, params)
 
 
 def write_outputs(outcome: SearchOutcome, info: dict) -> list[Path]:
@@ -200,8 +206,22 @@ def write_outputs(outcome: SearchOutcome, info: dict) -> list[Path]:
         info,
         {**tuned.metrics, "search": outcome.best, "tuned_source": tuned.source},
     )
-    write_results("search", outcome.metrics, METRIC_KEYS)
-    return search_plots(outcome.study, paths.PLOTS_DIR)
+    write_results("search", outcome.metrics, METRIC_KEYS + PARETO_METRIC_KEYS)
+    return [*search_plots(outcome.study, paths.PLOTS_DIR), write_pareto(outcome)]
+
+
+def write_pareto(outcome: SearchOutcome) -> Path:
+    """studies/pareto.csv (the front; a single-objective study: its best trial) and
+    plots/search_pareto.png; returns the plot."""
+    s, selected = outcome.params.search, outcome.best["trial"]
+    if s.cost is None:
+        rows = [r for r in outcome.trials if r["number"] == selected]
+    else:
+        rows = pareto_study.pareto_rows(outcome.study, outcome.params, selected)
+    write_csv(paths.STUDIES_DIR / "pareto.csv", rows)
+    fig, _ = pareto_study.figure(outcome.study, outcome.params, selected)
+    save_figure(fig, paths.PLOTS_DIR / "search_pareto.png")
+    return paths.PLOTS_DIR / "search_pareto.png"
 
 
 def log_outcome(tracker, outcome: SearchOutcome, pngs: list[Path]) -> None:
@@ -209,7 +229,8 @@ def log_outcome(tracker, outcome: SearchOutcome, pngs: list[Path]) -> None:
     tracker.log_metrics({k: v for k, v in outcome.metrics.items() if k != "best_trial"})
     tracker.set_tags({"tuned_source": outcome.tuned.source})
     tracker.log_params({f"best.{k}": v for k, v in outcome.best["params"].items()})
-    for path in [*pngs, paths.STUDIES_DIR / "trials.csv", paths.STUDIES_DIR / "best_params.json"]:
+    tables = [paths.STUDIES_DIR / f for f in ("trials.csv", "pareto.csv", "best_params.json")]
+    for path in [*pngs, *tables]:
         tracker.log_artifact(path, "search")
 
 

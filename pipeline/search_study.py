@@ -40,7 +40,13 @@ TRIAL_COLUMNS = [
     "lr",
     "batch_size",
     "weight_decay",
+    "width",
+    "depth",
     "value",
+    "objective_cost",
+    "latency_ms",
+    "macs",
+    "params",
     "epochs_run",
     "seconds",
     "worker",
@@ -49,15 +55,14 @@ TRIAL_COLUMNS = [
 
 
 def _trial_trainer(params: Params, data: DeviceData):
-    """train_fn for the objective: a fresh seeded model trained by the shared engine."""
+    """train_fn for the objective: a fresh seeded model of the trial's architecture
+    (`recipe.model`), trained with `recipe.train` by the shared engine."""
     from pipeline.checkpoint import arch_spec, build_model
 
-    arch = arch_spec(params, data.info)
-
-    def train_fn(train_cfg, on_epoch):
+    def train_fn(recipe: Params, on_epoch):
         torch.manual_seed(params.seed)
-        model = build_model(arch)
-        return fit(model, data, train_cfg, seed=params.seed, on_epoch=on_epoch, progress=False)
+        model = build_model(arch_spec(recipe, data.info))
+        return fit(model, data, recipe.train, seed=params.seed, on_epoch=on_epoch, progress=False)
 
     return train_fn
 
@@ -133,7 +138,11 @@ def trial_rows(study: optuna.Study) -> list[dict]:
                 "number": t.number,
                 "state": t.state.name,
                 **{k: t.params.get(k) for k in ("lr", "batch_size", "weight_decay")},
-                "value": t.value,
+                "width": t.params.get("width"),
+                "depth": t.params.get("depth"),
+                "value": t.values[0] if t.values else None,  # val accuracy
+                **{k: t.user_attrs.get(k) for k in ("objective_cost", "latency_ms", "macs")},
+                "params": t.user_attrs.get("params"),
                 "epochs_run": t.user_attrs.get("epochs_run", len(t.intermediate_values)),
                 "seconds": t.user_attrs.get("seconds"),
                 "worker": t.user_attrs.get("worker"),
@@ -144,12 +153,17 @@ def trial_rows(study: optuna.Study) -> list[dict]:
 
 
 def summarize(params: Params, study: optuna.Study, rows: list[dict]) -> dict:
+    """The search record's counts; `best_trial`: the most accurate complete trial (the earliest
+    of equals; in a Pareto study the shipped one may be another: `pareto_study.select`)."""
     real = [r for r in rows if not is_skipped(r["fail_reason"])]
     pruned = [r for r in real if r["state"] == "PRUNED"]
+    best = max(
+        (r for r in rows if r["state"] == "COMPLETE"), key=lambda r: (r["value"], -r["number"])
+    )
     return {
         "study_name": study.study_name,
-        "best_trial_val_accuracy": round(study.best_value, 6),
-        "best_trial": study.best_trial.number,
+        "best_trial_val_accuracy": round(best["value"], 6),
+        "best_trial": best["number"],
         "n_complete": sum(r["state"] == "COMPLETE" for r in real),
         "n_pruned": len(pruned),
         "n_failed": sum(r["state"] == "FAIL" for r in real),

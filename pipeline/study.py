@@ -42,10 +42,11 @@ import optuna
 import torch
 from optuna.trial import TrialState
 
-from pipeline import paths
+from pipeline import pareto_study, paths
 from pipeline.config import Params
 from pipeline.data import DeviceData
 from pipeline.errors import ConfigError
+from pipeline.search_space import current_point, suggest, trial_params
 from pipeline.tracking import ChildRun, end_stale_run
 
 HEARTBEAT_INTERVAL_S = 2
@@ -76,7 +77,7 @@ def study_name(params: Params, dataset_sha256: str) -> str:
         "dataset": dataset_sha256,
         "model": dataclasses.asdict(params.model),
         "train": train,
-        "space": dataclasses.asdict(s.space),
+        "space": {k: v for k, v in dataclasses.asdict(s.space).items() if v is not None},
         "epochs": s.epochs,
         "min_epochs": s.min_epochs,
         "sampler": s.sampler,
@@ -84,6 +85,8 @@ def study_name(params: Params, dataset_sha256: str) -> str:
         "reduction_factor": s.reduction_factor,
         "seed": params.seed,
     }
+    if s.cost is not None:  # a Pareto study: other directions, a measured second objective
+        recipe.update(objectives=list(s.objectives), latency_batch=s.latency_batch)
     digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:10]
     return f"{params.data.name}-{params.model.name.replace(':', '-')}-{digest}"
 
@@ -130,6 +133,10 @@ def make_sampler(
             n_startup_trials=startup_trials(s.n_trials),
             constant_liar=True,
         )
+    if s.sampler == "nsga2":
+        return optuna.samplers.NSGAIISampler(
+            seed=seed, population_size=max(4, startup_trials(s.n_trials))
+        )
     if s.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if s.sampler == "cmaes":
@@ -138,7 +145,10 @@ def make_sampler(
 
 
 def make_pruner(params: Params) -> optuna.pruners.BasePruner:
+    """Optuna's pruner; a Pareto study stops trials itself (`pipeline.pareto_study`)."""
     s = params.search
+    if s.cost is not None:
+        return optuna.pruners.NopPruner()
     if s.pruner == "hyperband":
         return optuna.pruners.HyperbandPruner(
             min_resource=s.min_epochs, max_resource=s.epochs, reduction_factor=s.reduction_factor
@@ -172,7 +182,7 @@ def load_study(params: Params, name: str, worker: int = 0) -> optuna.Study:
         return optuna.create_study(
             storage=storage,
             study_name=name,
-            direction="maximize",
+            directions=["maximize"] if params.search.cost is None else ["maximize", "minimize"],
             sampler=make_sampler(params, worker, existing),
             pruner=make_pruner(params),
             load_if_exists=True,
@@ -187,20 +197,13 @@ def load_study(params: Params, name: str, worker: int = 0) -> optuna.Study:
 
 
 def enqueue_current_params(study: optuna.Study, params: Params) -> bool:
-    """A new study's first trial runs params.yaml's own lr / batch size / weight decay (when
-    they lie in the space), so the search starts from what the user has, never below it."""
-    train, space = params.train, params.search.space
-    inside = (
-        space.lr[0] <= train.lr <= space.lr[1]
-        and train.batch_size in space.batch_size
-        and space.weight_decay[0] <= train.weight_decay <= space.weight_decay[1]
-    )
-    if study.trials or not inside:
+    """A new study's first trial runs params.yaml's own lr / batch size / weight decay (and
+    architecture, when it is searched) when they lie in the space, so the search starts from
+    what the user has, never below it."""
+    point = current_point(params)
+    if study.trials or point is None:
         return False
-    study.enqueue_trial(
-        {"lr": train.lr, "batch_size": train.batch_size, "weight_decay": train.weight_decay},
-        user_attrs={"source": "params.yaml"},
-    )
+    study.enqueue_trial(point, user_attrs={"source": "params.yaml"})
     return True
 
 
@@ -216,15 +219,6 @@ def counts(study: optuna.Study) -> dict[str, int]:
     }
 
 
-def _suggest(trial: optuna.Trial, params: Params) -> dict:
-    space = params.search.space
-    return {
-        "lr": trial.suggest_float("lr", *space.lr, log=True),
-        "batch_size": trial.suggest_categorical("batch_size", list(space.batch_size)),
-        "weight_decay": trial.suggest_float("weight_decay", *space.weight_decay, log=True),
-    }
-
-
 def _duplicate_of(trial: optuna.Trial) -> int | None:
     """For a params.yaml trial: the number of an earlier params.yaml trial, if there is one
     (each machine that starts a new study enqueues it; the first one enqueued runs)."""
@@ -236,8 +230,14 @@ def _duplicate_of(trial: optuna.Trial) -> int | None:
         if t.number < trial.number
         and t.user_attrs.get("source") == "params.yaml"
         and not is_skipped(t.user_attrs.get("fail_reason", ""))
+        and not _died(t)  # its heartbeat retry (a copy, attributes included) must run
     ]
     return min(earlier, default=None)
+
+
+def _died(t) -> bool:
+    """A trial failed by the heartbeat (its process died): FAIL with no reason recorded."""
+    return t.state == TrialState.FAIL and not t.user_attrs.get("fail_reason")
 
 
 def _is_surplus(trial: optuna.Trial, n_trials: int) -> bool:
@@ -264,10 +264,12 @@ def make_objective(
     parent_run_id: str | None,
     train_fn: Callable,
     worker: int = 0,
-) -> Callable[[optuna.Trial], float]:
-    """The objective: one training run of the shared engine per trial (via `train_fn`)."""
+) -> Callable[[optuna.Trial], float | tuple[float, float]]:
+    """The objective: one training run of the shared engine per trial (via `train_fn(trial
+    params, on_epoch)`); val accuracy, and in a Pareto study also the architecture's cost."""
+    pareto = params.search.cost is not None
 
-    def objective(trial: optuna.Trial) -> float:
+    def objective(trial: optuna.Trial) -> float | tuple[float, float]:
         if _is_surplus(trial, params.search.n_trials):
             trial.set_user_attr("fail_reason", "surplus")
             raise TrialFailed("surplus: the study already has search.n_trials trials")
@@ -275,10 +277,14 @@ def make_objective(
         if duplicate is not None:
             trial.set_user_attr("fail_reason", f"duplicate: params.yaml trial {duplicate}")
             raise TrialFailed("duplicate: the params.yaml trial was enqueued twice")
-        hp = _suggest(trial, params)
+        hp = suggest(trial, params)
+        recipe = trial_params(params, hp)
         retried = _retried_trial_number(trial)
         trial.set_user_attr("worker", worker)
         trial.set_user_attr("device", str(data.device))
+        cost_value = None
+        if pareto:  # measured (or read from the study) before training: the rungs need it
+            cost_value = pareto_study.start_trial(trial, recipe, params, data.info)
         tags = {
             "trial_number": trial.number,
             "state": "RUNNING",
@@ -296,29 +302,38 @@ def make_objective(
         if run is not None:
             trial.set_user_attr("mlflow_run_id", run.run_id)
             run.log_params({**hp, "trial_number": trial.number})
+            if pareto:
+                run.log_metrics(pareto_study.cost_metrics(trial, params), 0)
         start = time.perf_counter()
 
         epochs_run = 0
+        curve: list[float] = []
 
         def on_epoch(epoch: int, metrics: dict) -> None:
             nonlocal epochs_run
             epochs_run = epoch
             if run is not None:
                 run.log_metrics({k: metrics[k] for k in ("train_loss", "val_accuracy")}, epoch)
+            if pareto:
+                curve.append(metrics["val_accuracy"])
+                if pareto_study.should_stop(trial, curve, cost_value, params):
+                    raise optuna.TrialPruned(f"stopped at epoch {epoch} (not in the top rank)")
+                return
             trial.report(metrics["val_accuracy"], epoch)
             if trial.should_prune():
                 raise optuna.TrialPruned(f"pruned at epoch {epoch}")
 
         state, status, reason = "FAIL", "FAILED", ""
         try:
-            train_cfg = dataclasses.replace(params.train, **hp, epochs=params.search.epochs)
-            result = train_fn(train_cfg, on_epoch)
+            result = train_fn(recipe, on_epoch)
             if result.status != "ok":
                 reason = result.message
                 raise TrialFailed(reason)
             state, status = "COMPLETE", "FINISHED"
             if run is not None:  # the value Optuna ranks by (the shipped, last-epoch model)
                 run.log_metrics({"objective": result.val_accuracy}, epochs_run)
+            if pareto:
+                return result.val_accuracy, cost_value
             return result.val_accuracy
         except optuna.TrialPruned:
             state, status = "PRUNED", "KILLED"
@@ -348,7 +363,7 @@ def reconcile_stale_runs(params: Params, study: optuna.Study) -> int:
     tags = {"state": "FAIL", "fail_reason": "worker died (no heartbeat)"}
     for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
         run_id = t.user_attrs.get("mlflow_run_id")
-        if run_id and not t.user_attrs.get("fail_reason"):
+        if run_id and _died(t):
             changed += end_stale_run(params, run_id, tags)
     return changed
 

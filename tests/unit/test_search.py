@@ -750,7 +750,7 @@ def test_suggest_draws_from_the_configured_log_space():
     s = optuna.create_study()
     s.enqueue_trial({"lr": 0.02, "batch_size": 64, "weight_decay": 5e-3})
     trial = s.ask()
-    assert study._suggest(trial, params) == {"lr": 0.02, "batch_size": 64, "weight_decay": 5e-3}
+    assert study.suggest(trial, params) == {"lr": 0.02, "batch_size": 64, "weight_decay": 5e-3}
     d = trial.distributions
     assert d["lr"] == optuna.distributions.FloatDistribution(0.01, 0.1, log=True)
     assert d["batch_size"] == optuna.distributions.CategoricalDistribution([32, 64])
@@ -777,6 +777,18 @@ def test_duplicate_of_names_the_first_params_yaml_trial_that_ran():
     assert study._duplicate_of(second) == 3
     other = s.ask()  # 7
     assert study._duplicate_of(other) is None  # not a params.yaml trial
+
+
+def test_the_heartbeat_retry_of_a_killed_params_yaml_trial_is_no_duplicate():
+    s = optuna.create_study()
+    _add(s, source="params.yaml")  # 0: its process died (FAIL, no reason recorded)
+    retry = s.ask()  # 1: the retry copies the dead trial's attributes, its source too
+    retry.set_user_attr("source", "params.yaml")
+    assert study._duplicate_of(retry) is None
+    _add(s, source="params.yaml", fail_reason="nan loss: diverged")  # 2: ran, failed
+    copy = s.ask()  # 3
+    copy.set_user_attr("source", "params.yaml")
+    assert study._duplicate_of(copy) == 1  # the retry ran it
 
 
 def test_is_surplus_counts_finished_and_running_trials_numbered_before():
@@ -845,8 +857,8 @@ def test_objective_trains_the_suggested_config_and_returns_its_last_epoch(monkey
     params = _objective_params()
     seen = []
 
-    def train_fn(train_cfg, on_epoch):
-        seen.append(train_cfg)
+    def train_fn(recipe, on_epoch):
+        seen.append(recipe.train)
         on_epoch(1, {"train_loss": 2.0, "val_accuracy": 0.5, "lr": 0.1})
         on_epoch(2, {"train_loss": 1.0, "val_accuracy": 0.9, "lr": 0.1})
         return _fit(0.5, 0.75)  # the last epoch's model is what ships: 0.75, not the best
@@ -1177,7 +1189,13 @@ def test_trial_rows_one_per_trial_with_params_and_bookkeeping():
         "lr": 0.02,
         "batch_size": 64,
         "weight_decay": 1e-3,
+        "width": None,  # architecture and cost: a Pareto search only
+        "depth": None,
         "value": 0.8,
+        "objective_cost": None,
+        "latency_ms": None,
+        "macs": None,
+        "params": None,
         "epochs_run": 4,
         "seconds": 2.5,
         "worker": 0,
