@@ -11,7 +11,11 @@ STAMP := $(VENV)/.installed
 OPENCV4 := opencv-python-headless>=4.14,<5
 export PATH := $(BIN):$(PATH)
 
-.PHONY: repro test test-fast lint format mutation clean setup
+# Syne Tune (MOASHA, the baseline of benchmarks/pareto_search.py) beside the venv: only its own
+# package (MOASHA imports nothing of its dependencies that .venv lacks; xgboost etc. not needed)
+SYNE_TUNE := syne-tune==0.16.0
+
+.PHONY: repro test test-fast lint format mutation clean setup bench-deps
 
 setup: $(STAMP)
 
@@ -23,6 +27,10 @@ $(STAMP): pyproject.toml
 	rm -rf $(VENV)/opencv4
 	$(BIN)/python -m pip install --quiet --no-deps --target $(VENV)/opencv4 "$(OPENCV4)"
 	touch $(STAMP)
+
+bench-deps: $(STAMP)
+	test -d $(VENV)/syne-tune || $(BIN)/python -m pip install --quiet --no-deps --target \
+		$(VENV)/syne-tune "$(SYNE_TUNE)"
 
 repro: $(STAMP)
 	$(BIN)/python -m dvc repro
@@ -52,7 +60,10 @@ MUTATION_TARGETS ?= pipeline.config.* pipeline.stats.* \
 	pipeline.export_variant.x_must_agree__* pipeline.export_variant.x_finish_variant__* \
 	pipeline.champion.x_summarize_latency__* pipeline.champion.x_faster__* \
 	pipeline.champion.x_recommend__* pipeline.champion.x_alias_decision__* \
-	pipeline.export_checks.x_check_parity__*
+	pipeline.export_checks.x_check_parity__* \
+	pipeline.pareto.* pipeline.search_space.* pipeline.pareto_study.x_select__* \
+	pipeline.pareto_study.x_should_stop__* pipeline.pareto_study.x_rung_points__* \
+	pipeline.pareto_study.x_baseline_fits__* pipeline.arch_cost.x_study_cost__*
 QUOTED_TARGETS := $(foreach t,$(MUTATION_TARGETS),'$(t)')
 
 mutation: $(STAMP)

@@ -86,7 +86,13 @@ def study_name(params: Params, dataset_sha256: str) -> str:
         "seed": params.seed,
     }
     if s.cost is not None:  # a Pareto study: other directions, a measured second objective
-        recipe.update(objectives=list(s.objectives), latency_batch=s.latency_batch)
+        from pipeline.arch_cost import timing_provider
+
+        recipe.update(
+            objectives=list(s.objectives),
+            latency_batch=s.latency_batch,
+            latency_provider=timing_provider(params.device),  # CPU and GPU times never mix
+        )
     digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:10]
     return f"{params.data.name}-{params.model.name.replace(':', '-')}-{digest}"
 

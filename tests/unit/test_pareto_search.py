@@ -98,6 +98,11 @@ def test_a_pareto_study_has_its_own_name_and_two_directions(tmp_path):
         study.study_name(single, "sha")
         == "digits-cnn-" + study.study_name(single, "sha").rsplit("-", 1)[1]
     )
+    # the batch the latency is timed at changes the objective: another study
+    other_batch = parse_params(
+        {"search": {"objectives": ["accuracy", "size"], "latency_batch": 8}}
+    )
+    assert study.study_name(other_batch, "sha") != study.study_name(pareto, "sha")
     s = study.load_study(pareto, "p")
     assert [d.name for d in s.directions] == ["MAXIMIZE", "MINIMIZE"]
     assert isinstance(s.pruner, optuna.pruners.NopPruner)  # the rungs are ours
