@@ -136,6 +136,19 @@ def test_trial_params_is_the_whole_recipe_of_the_trial():
     assert arch_spec(recipe, INFO)["options"]["widths"] == [24, 48, 96]
 
 
+def test_suggest_draws_width_on_its_grid_and_depth_from_its_choices():
+    params = parse_params(
+        {"model": {"name": "resnet"}, "search": {"space": {"width": [0.5, 1.0], "depth": [8, 14]}}}
+    )
+    s = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    from pipeline.search_space import suggest
+
+    drawn = [suggest(s.ask(), params) for _ in range(40)]
+    assert {d["width"] for d in drawn} == {0.5, 0.625, 0.75, 0.875, 1.0}
+    assert {d["depth"] for d in drawn} == {8, 14}
+    assert s.trials[0].distributions["width"] == FloatDistribution(0.5, 1.0, step=0.125)
+
+
 def test_params_yaml_point_includes_width_one_only_when_the_space_holds_it():
     assert current_point(_params()) == {
         "lr": 0.05,
@@ -324,6 +337,18 @@ def test_the_decision_depends_only_on_the_stored_points_not_their_order():
     assert outcomes[0] == outcomes[1]
 
 
+def test_a_rung_compares_every_trial_at_that_rung_epoch():
+    params = _params()  # rungs at epochs 1 and 2
+    s = _study()
+    _cache(s, params, 0.5, latency_ms=0.5)
+    # at epoch 1 the new trial (0.9 at 0.5 ms) dominates both; at epoch 2 trial 1 is as much
+    # on the front as it is (more accurate, dearer), and the earlier of the two ends goes on
+    _curve_trial(s, 0, [0.5, 0.95, 0.95, 0.95], 0.6)
+    _curve_trial(s, 1, [0.4, 0.96, 0.96, 0.96], 0.6)
+    t = _run_one(s, params, 0.5, [0.9, 0.9, 0.9, 0.9])
+    assert t.state == TrialState.PRUNED and t.user_attrs["epochs_run"] == 2
+
+
 def test_pruner_none_trains_every_trial_to_the_end():
     params = _params(pruner="none")
     s = _study()
@@ -397,6 +422,8 @@ def test_the_baseline_may_replace_the_winner_only_within_the_budget():
     assert pareto_study.baseline_fits(s, baseline_arch, _params(), INFO)  # max_accuracy
     loose = _params(select={"latency_budget_ms": 2.0})
     assert pareto_study.baseline_fits(s, baseline_arch, loose, INFO)
+    fast = _study()
+    _cache(fast, params, 1.0, latency_ms=0.01)  # under min_accuracy never, however fast
     assert not pareto_study.baseline_fits(
-        s, baseline_arch, _params(select={"min_accuracy": 0.5}), INFO
+        fast, baseline_arch, _params(select={"min_accuracy": 0.5}), INFO
     )
