@@ -11,9 +11,9 @@ study (`Trial.report` raises), so the rung decisions are taken here, with the ru
   copies the dead trial's attributes).
 - `should_stop`: after each epoch the val accuracies so far are stored in the trial's attribute
   `val_accuracy_by_epoch` (so they survive a crash and show in optuna-dashboard); at a rung
-  epoch the trial goes on only when `pareto.promoted` ranks it in the top 1/eta of every
-  COMPLETE, PRUNED or RUNNING trial that has reached that rung (failed ones are left out: their
-  retry reaches the rung again). The decision reads only the study's storage, so it is the same
+  epoch the trial goes on only when `pareto.continues`: it ranks in the top 1/eta, or lies on
+  the Pareto front, of every COMPLETE, PRUNED or RUNNING trial that has reached that rung
+  (failed ones are left out: their retry reaches the rung again). The decision reads only the study's storage, so it is the same
   for any worker, machine or resumed run. A stopped trial ends PRUNED.
 - `front` / `select`: the Pareto front of the COMPLETE trials (a stopped trial's final accuracy is
   unknown); `search.select` picks the trial to retrain and ship: `max_accuracy`, the most
@@ -87,7 +87,7 @@ def should_stop(trial: optuna.Trial, curve: list[float], cost: float, params: Pa
     if s.pruner == "none" or epoch not in pareto.rungs(s.min_epochs, s.epochs, s.reduction_factor):
         return False
     points = rung_points(trial.study, epoch, trial.number, (stored[-1], cost))
-    return not pareto.promoted(points, trial.number, s.reduction_factor)
+    return not pareto.continues(points, trial.number, s.reduction_factor)
 
 
 def complete_points(study) -> dict[int, pareto.Point]:

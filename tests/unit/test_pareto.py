@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 import pytest
 
+from pipeline import pareto
 from pipeline.pareto import (
     crowding_distances,
     dominates,
@@ -470,3 +471,31 @@ def test_hypervolume_matches_a_grid_count(seed):
     assert hypervolume(points, reference) == _grid_hypervolume(points, reference)
     # the same area whatever the order of the points
     assert hypervolume(reversed(points), reference) == hypervolume(points, reference)
+
+
+# --- continues: the top share, or the rung's front -------------------------------------------
+
+
+def test_continues_keeps_every_front_trial_and_the_top_share_only_of_the_rest():
+    points = {
+        0: (0.90, 1.0),  # front
+        1: (0.95, 2.0),  # front
+        2: (0.97, 4.0),  # front
+        3: (0.80, 3.0),  # dominated by 0 and 1
+        4: (0.85, 5.0),  # dominated
+        5: (0.70, 0.5),  # front (cheapest)
+    }
+    # 6 // 2 = 3 is the top share: the order puts the front's ends (5, 2) and one inner point first
+    top = set(pareto.order(points)[:3])
+    assert top < {0, 1, 2, 5}
+    assert {t for t in points if pareto.continues(points, t, 2)} == {0, 1, 2, 5}
+    assert {t for t in points if pareto.promoted(points, t, 2)} == top
+
+
+def test_continues_stops_a_dominated_trial_once_the_rung_has_eta_trials():
+    assert pareto.continues({0: (0.9, 1.0)}, 0, 2)  # alone: the top share
+    assert not pareto.continues({0: (0.9, 1.0), 1: (0.8, 2.0)}, 1, 2)
+    assert not pareto.continues({0: (0.9, 1.0), 1: (float("nan"), 0.1)}, 1, 2)
+    assert pareto.continues({0: (0.9, 1.0), 1: (0.8, 0.5)}, 1, 2)  # cheaper: on the front
+    with pytest.raises(ValueError, match="trial 7"):
+        pareto.continues({0: (0.9, 1.0)}, 7, 2)

@@ -279,16 +279,16 @@ def test_a_trial_on_the_front_continues_and_completes_with_both_objectives():
     assert t.user_attrs["macs"] == 50
 
 
-def test_a_front_larger_than_the_top_share_keeps_its_earliest_end_points():
+def test_a_trial_on_the_front_continues_even_beyond_the_top_share():
     params = _params()
     s = _study()
     _cache(s, params, 0.25, latency_ms=0.1)
-    _curve_trial(s, 0, [0.9], 0.5)
-    _curve_trial(s, 1, [0.5], 0.6)
-    # on the front with trial 0, both ends (infinite crowding distance): 3 // 2 = 1 goes on,
-    # and the tie goes to the earlier trial
+    _curve_trial(s, 0, [0.9, 0.92], 0.5)
+    _curve_trial(s, 1, [0.5, 0.52], 0.6)
+    # on the front with trial 0 (cheaper, less accurate): 3 // 2 = 1 is the top share, and the
+    # earlier end of the front holds it, but a front trial goes on
     t = _run_one(s, params, 0.25, [0.6, 0.7, 0.8, 0.85])
-    assert t.state == TrialState.PRUNED and t.user_attrs["epochs_run"] == 1
+    assert t.state == TrialState.COMPLETE and t.user_attrs["epochs_run"] == 4
 
 
 def test_failed_trials_do_not_compete_and_a_retry_starts_a_new_curve():
@@ -341,10 +341,10 @@ def test_a_rung_compares_every_trial_at_that_rung_epoch():
     params = _params()  # rungs at epochs 1 and 2
     s = _study()
     _cache(s, params, 0.5, latency_ms=0.5)
-    # at epoch 1 the new trial (0.9 at 0.5 ms) dominates both; at epoch 2 trial 1 is as much
-    # on the front as it is (more accurate, dearer), and the earlier of the two ends goes on
-    _curve_trial(s, 0, [0.5, 0.95, 0.95, 0.95], 0.6)
-    _curve_trial(s, 1, [0.4, 0.96, 0.96, 0.96], 0.6)
+    # at epoch 1 the new trial (0.9 at 0.5 ms) is on the front (the most accurate); at epoch 2
+    # both cheaper trials are more accurate too: dominated, outside the top 3 // 2, it stops
+    _curve_trial(s, 0, [0.5, 0.95, 0.95, 0.95], 0.2)
+    _curve_trial(s, 1, [0.4, 0.96, 0.96, 0.96], 0.2)
     t = _run_one(s, params, 0.5, [0.9, 0.9, 0.9, 0.9])
     assert t.state == TrialState.PRUNED and t.user_attrs["epochs_run"] == 2
 
