@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One prepared check for a machine with a CUDA GPU (Python with torch + onnxruntime installed,
 # no internet). Installs this package without dependencies, runs the `gpu`-marked tests, then
-# the GPU training / inference benchmark. Keep it under 8 minutes.
+# the GPU training / inference benchmark, then (2+ GPUs) the data-parallel train stage under
+# torchrun with one process per GPU (benchmarks/ddp_check.py). Keep it under 8 minutes.
 #   bash benchmarks/gpu_check.sh [--quick]
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -26,5 +27,14 @@ tests_rc=${PIPESTATUS[0]}
 echo "== gpu benchmark"
 timeout 300 python3 benchmarks/gpu_train.py "$@"
 bench_rc=$?
-echo "gpu tests rc=$tests_rc benchmark rc=$bench_rc"
-exit $(( tests_rc != 0 || bench_rc != 0 ))
+echo "== ddp train (torchrun, NCCL, one process per visible GPU)"
+gpus=$(python3 -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
+ddp_rc=0
+if [ "${gpus:-0}" -ge 2 ]; then
+  timeout 150 python3 benchmarks/ddp_check.py --device cuda --nproc "$gpus"
+  ddp_rc=$?
+else  # NCCL refuses two ranks on one GPU; the CPU (gloo) path is tests/e2e/test_ddp.py
+  echo "ddp: skipped, $gpus visible GPU(s); needs 2 or more"
+fi
+echo "gpu tests rc=$tests_rc benchmark rc=$bench_rc ddp rc=$ddp_rc"
+exit $(( tests_rc != 0 || bench_rc != 0 || ddp_rc != 0 ))

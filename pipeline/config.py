@@ -86,6 +86,18 @@ class TrainConfig:
     amp: bool = True  # bf16 autocast on CUDA (ignored on CPU)
     channels_last: bool = True  # NHWC memory format for model and batches (CPU and CUDA)
     compile: bool = False  # torch.compile the model (CUDA)
+    # train stage: >1 launches it under torchrun with this many processes (one per GPU);
+    # batch_size stays the global batch (see pipeline.distributed)
+    nproc: int = field(default=1, metadata=_check(lambda x: 1 <= x <= 1024, "1..1024"))
+    # data-parallel collectives fail after this many seconds without an answer (a dead rank)
+    ddp_timeout_s: float = field(default=300.0, metadata=_check(_positive, "> 0"))
+
+    def validate(self) -> None:
+        if self.batch_size % self.nproc:
+            raise ConfigError(
+                f"train.batch_size: got {self.batch_size}; expected a multiple of train.nproc "
+                f"({self.nproc}): it is the global batch, split evenly over the processes"
+            )
 
 
 # Tracking URI schemes MLflow's tracking store registry knows (mlflow 3); no scheme: a local path

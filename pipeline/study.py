@@ -14,9 +14,10 @@
 - A trial's objective is the val accuracy of the model it would ship: the weights after its
   last epoch (not the best epoch's, which are not kept). The trial's MLflow run logs that value
   as `objective`, so sorting by it in the MLflow UI ranks trials as Optuna does.
-- Samplers are seeded from `seed`, the host name, the worker index and the study's trial count
-  (hashed, so seed 1 / worker 0 never equals seed 0 / worker 1, and machines joining one study
-  draw different start-up trials). TPE runs with `constant_liar` (running trials count as
+- Samplers are seeded from `seed`, the machine (`PIPELINE_MACHINE_ID`, else the host name and
+  the project's folder), the worker index and the study's trial count (hashed, so seed 1 /
+  worker 0 never equals seed 0 / worker 1, and machines joining one study draw different
+  start-up trials). TPE runs with `constant_liar` (running trials count as
   pessimistic observations, so parallel workers spread out).
 - Pruners: `successive_halving` (default: one bracket, so TPE models every trial; with
   Hyperband, Optuna gives the sampler only the current bracket's trials and most trials are
@@ -31,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import socket
 import sys
 import time
@@ -71,7 +73,7 @@ def study_name(params: Params, dataset_sha256: str) -> str:
         return params.search.study_name
     s = params.search
     train = dataclasses.asdict(params.train)
-    for key in ("lr", "batch_size", "weight_decay", "epochs"):
+    for key in ("lr", "batch_size", "weight_decay", "epochs", "nproc", "ddp_timeout_s"):
         train.pop(key)  # searched or replaced by search.epochs
     recipe = {
         "dataset": dataset_sha256,
@@ -114,10 +116,19 @@ def make_storage(url: str):
     return optuna.storages.get_storage(url)
 
 
+def machine_id() -> str:
+    """What tells machines apart in sampler seeds: `PIPELINE_MACHINE_ID` when set, else the
+    host name and the project's folder (two working copies on one host are two machines; one
+    copy re-run draws the same trials)."""
+    env = os.environ.get("PIPELINE_MACHINE_ID")
+    return env or f"{socket.gethostname()}:{paths.project_root()}"
+
+
 def sampler_seed(seed: int, worker: int, existing: int, host: str | None = None) -> int:
     """A 32-bit sampler seed from everything that must give different draws (hashed, so no
-    two (seed, worker) pairs collide the way `seed * 1000 + worker` did)."""
-    host = socket.gethostname() if host is None else host
+    two (seed, worker) pairs collide the way `seed * 1000 + worker` did); `host`: the machine's
+    identity, `machine_id()` when None."""
+    host = machine_id() if host is None else host
     key = json.dumps([seed, host, worker, existing])
     return int(hashlib.sha256(key.encode()).hexdigest()[:8], 16)
 

@@ -5,17 +5,23 @@ Writes: `models/baseline.pt` (checkpoint with arch, config and classes), `metric
 (val accuracy), `reports/train.json` (also test accuracy, epochs, seconds, device),
 `plots/train_curve.csv`, `plots/train_curve.png`; one MLflow run with params, per-epoch metrics
 and the plot. Run: `dvc repro train`, `pipeline train` or `python -m pipeline.train`.
+
+Data-parallel: `train.nproc: N` re-launches this stage under torchrun with N processes, and
+`torchrun --nproc-per-node N -m pipeline.train` runs it directly (also across machines);
+`train.batch_size` stays the global batch and rank 0 alone writes the outputs and the MLflow
+run (see `pipeline.distributed`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from pipeline import paths
+from pipeline import distributed, paths
 from pipeline.checkpoint import arch_spec, build_model, save_checkpoint
 from pipeline.config import Params, TrainConfig, load_params
 from pipeline.data import DeviceData, load_prepared
@@ -23,7 +29,7 @@ from pipeline.engine import EpochCallback, FitResult, evaluate, fit, resolve_dev
 from pipeline.errors import StageFailed, stage_entry
 from pipeline.plots import training_curves, write_csv
 from pipeline.results import write_results
-from pipeline.tracking import stage_run
+from pipeline.tracking import NullRun, stage_run
 
 # metrics/train.json; the rest of the record (status, test accuracy and loss, epochs, parameter
 # count, seconds, images/s, device) goes to reports/train.json
@@ -77,6 +83,7 @@ def train_and_evaluate(
         train_seconds=round(result.train_seconds, 3),
         images_per_second=round(result.images_per_second, 1),
         device=result.device,
+        processes=result.processes,
         params=sum(p.numel() for p in model.parameters()),
     )
     return TrainOutcome(model, arch, result, metrics)
@@ -103,21 +110,41 @@ def write_outputs(outcome: TrainOutcome, params: Params, info: dict) -> None:
     )
 
 
-@stage_entry
-def main(argv: list[str] | None = None) -> None:
-    params = load_params(paths.PARAMS)
-    data = load_device_data(params)
+def _train_and_write(params: Params, data: DeviceData) -> TrainOutcome:
+    """Train (every rank), then write the outputs and the MLflow run (rank 0 alone)."""
     info = data.info
-    with stage_run("train", params, info["sha256"]["all"]) as tracker:
+    main_rank = distributed.is_main()
+    with (
+        stage_run("train", params, info["sha256"]["all"])
+        if main_rank
+        else contextlib.nullcontext(NullRun())
+    ) as tracker:
         tracker.log_params(params.to_dict())
         outcome = run(params, data, on_epoch=lambda epoch, m: tracker.log_metrics(m, step=epoch))
         if outcome.fit.status != "ok":
             tracker.set_tags({"status": outcome.fit.status})
             raise StageFailed(f"train: {outcome.fit.message}; lower train.lr")
-        write_outputs(outcome, params, info)
+        if main_rank:
+            write_outputs(outcome, params, info)
         per_epoch = set(outcome.fit.history[0])
         tracker.log_metrics({k: v for k, v in outcome.metrics.items() if k not in per_epoch})
         tracker.log_artifact(paths.PLOTS_DIR / "train_curve.png", "plots")
+    return outcome
+
+
+@stage_entry
+def main(argv: list[str] | None = None) -> None:
+    params = load_params(paths.PARAMS)
+    if params.train.nproc > 1 and not distributed.launched():
+        load_prepared(paths.PREPARED_DIR)  # a missing dataset: one error here, not one per rank
+        device = resolve_device(params.device)
+        distributed.launch(params.train.nproc, "pipeline.train", "train", device)
+        return
+    data = load_device_data(params, distributed.local_rank())
+    with distributed.process_group(data.device, params.train.ddp_timeout_s, "train"):
+        outcome = _train_and_write(params, data)
+    if not distributed.is_main():
+        return
     m = outcome.metrics
     print(
         f"baseline {params.model.name}: val {m['val_accuracy']:.4f}, test "
