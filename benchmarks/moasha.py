@@ -171,12 +171,15 @@ def _corrected_priority(api: Any) -> type:
     return PositionPriority
 
 
-def _run_trial(api, scheduler, draws, trial_id, evaluate, cost_of, max_epochs) -> dict:
-    """Start one suggested trial and run it to its end; its record (config, curve, stopped)."""
+def _run_trial(
+    api, scheduler, draws, trial_id, evaluate, cost_of, max_epochs, config=None
+) -> dict:
+    """Start one suggested trial (`config` instead of the suggestion, when given) and run it to
+    its end; its record (config, curve, stopped)."""
     with draws.active():
         suggestion = scheduler.suggest()
         trial = api.Trial(
-            trial_id=trial_id, config=suggestion.config, creation_time=datetime.now()
+            trial_id=trial_id, config=config or suggestion.config, creation_time=datetime.now()
         )
         scheduler.on_trial_add(trial)
     config = dict(trial.config)
@@ -227,6 +230,7 @@ def run_moasha(
     epoch_budget: int | None = None,
     *,
     corrected_ranks: bool = False,
+    first_config: dict | None = None,
 ) -> list[dict]:
     """Run MOASHA sequentially (one worker) and return one record per trial, in start order.
 
@@ -244,6 +248,8 @@ def run_moasha(
             running then finishes, so the total can pass it by up to max_epochs - 1).
         corrected_ranks: rank trials at a rung by their position in MOASHA's non-dominated
             order instead of Syne Tune 0.16.0's reading of it (see the module docstring).
+        first_config: the first trial's configuration instead of a random draw (the same
+            start as a study that enqueues the user's params.yaml trial).
 
     Returns:
         [{"config", "epochs_run", "curve" (accuracy per epoch), "stopped" (stopped before
@@ -257,7 +263,10 @@ def run_moasha(
     trials: list[dict] = []
     epochs_run = 0
     while len(trials) < n_trials and (epoch_budget is None or epochs_run < epoch_budget):
-        record = _run_trial(api, scheduler, draws, len(trials), evaluate, cost_of, max_epochs)
+        first = first_config if not trials else None
+        record = _run_trial(
+            api, scheduler, draws, len(trials), evaluate, cost_of, max_epochs, first
+        )
         trials.append(record)
         epochs_run += record["epochs_run"]
     return trials

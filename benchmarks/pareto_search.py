@@ -15,9 +15,10 @@ eta 2) and seeds for all:
 - ours, NSGA-II: the same stopping rule with Optuna's NSGA-II sampler (which sampler to ship);
 - (a) TPE without early stopping (the same sampler, every trial to 12 epochs);
 - (b) random search without early stopping;
-- (c) Syne Tune's MOASHA (`benchmarks/moasha.py`, its Python API, random configurations),
-  as released (0.16.0), and with its rank bug fixed (`corrected_ranks`); each is given the
-  epochs ours spent on that seed (and at most 24 trials), so it is compared at equal epochs.
+- (c) Syne Tune's MOASHA (`benchmarks/moasha.py`, its Python API, random configurations after
+  the same first one as the studies: params.yaml's, which they enqueue), as released (0.16.0),
+  and with its rank bug fixed (`corrected_ranks`); each is given the epochs ours spent on that
+  seed (and at most 24 trials), so it is compared at equal epochs.
 
 Score: the hypervolume of the Pareto front of each arm's complete trials (val accuracy, latency)
 against one reference point for all (accuracy 0.1 = chance on 10 balanced classes, latency 1.1x
@@ -155,7 +156,9 @@ def run_moasha_arm(corrected: bool, seed: int, data, table: dict, epoch_budget: 
     from moasha import run_moasha
 
     params = parse_params(base_params(seed, Path("."), {}))
-    space = params.search.space
+    space, train = params.search.space, params.train
+    # the study arms' first trial is params.yaml's (enqueued); MOASHA starts from it too
+    start = {"lr": train.lr, "batch_size": train.batch_size, "weight_decay": train.weight_decay}
     syne_space = {
         "lr": ("log", *space.lr),
         "batch_size": ("choice", list(space.batch_size)),
@@ -188,6 +191,7 @@ def run_moasha_arm(corrected: bool, seed: int, data, table: dict, epoch_budget: 
         lambda c: table[c["width"]]["latency_ms"],
         epoch_budget,
         corrected_ranks=corrected,
+        first_config={**start, "width": 1.0},
     )
     return [
         {

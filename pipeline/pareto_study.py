@@ -13,8 +13,9 @@ study (`Trial.report` raises), so the rung decisions are taken here, with the ru
   `val_accuracy_by_epoch` (so they survive a crash and show in optuna-dashboard); at a rung
   epoch the trial goes on only when `pareto.continues`: it ranks in the top 1/eta, or lies on
   the Pareto front, of every COMPLETE, PRUNED or RUNNING trial that has reached that rung
-  (failed ones are left out: their retry reaches the rung again). The decision reads only the study's storage, so it is the same
-  for any worker, machine or resumed run. A stopped trial ends PRUNED.
+  (failed ones are left out: their retry reaches the rung again). The decision reads only the
+  study's storage, so it is the same for any worker, machine or resumed run. A stopped trial
+  ends PRUNED.
 - `front` / `select`: the Pareto front of the COMPLETE trials (a stopped trial's final accuracy is
   unknown); `search.select` picks the trial to retrain and ship: `max_accuracy`, the most
   accurate within a cost budget (`latency_budget_ms`, `size_budget_mb`, `macs_budget_m`), or
