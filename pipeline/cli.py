@@ -2,6 +2,7 @@
 
     pipeline prepare | train | search | compress | export     (same as python -m pipeline.<stage>)
     pipeline predict MODEL.onnx IMAGE... [--top-k K] [--device auto|cpu|cuda] [--json]
+    pipeline search-worker [--wait-s S]   (one more machine on the search stage's study)
     pipeline --version;  pipeline <stage> --help (prints the stage's description, runs nothing)
 
 Stages read params.yaml in the working directory; hyperparameters are never flags.
@@ -17,6 +18,7 @@ COMMANDS = {
     "prepare": "split the dataset into data/prepared/",
     "train": "train the baseline model",
     "search": "Optuna search over lr / batch size / weight decay, retrain the best",
+    "search-worker": "run trials of the search stage's study on one more machine",
     "compress": "prune, fine-tune and quantize the tuned model",
     "export": "export ONNX models with metadata, check parity and the GPU, time them",
     "predict": "classify images with an exported ONNX model",
@@ -43,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
         # Each command parses its own arguments (so `pipeline predict --help` is predict's).
         sub.add_parser(name, help=help_text, add_help=False)
     args, rest = parser.parse_known_args(argv)
-    importlib.import_module(f"pipeline.{args.command}").main(rest)
+    importlib.import_module(f"pipeline.{args.command.replace('-', '_')}").main(rest)
 
 
 if __name__ == "__main__":

@@ -116,6 +116,21 @@ def make_storage(url: str):
     return optuna.storages.get_storage(url)
 
 
+def open_storage(url: str, attempts: int = 5):
+    """`make_storage(url)`, retried while another process creates Optuna's tables in the same
+    new database (machines starting one study together: PostgreSQL answers the loser of that
+    race with a unique violation, IntegrityError, or "already exists", ProgrammingError)."""
+    from sqlalchemy.exc import IntegrityError, ProgrammingError
+
+    for attempt in range(attempts):
+        try:
+            return make_storage(url)
+        except (IntegrityError, ProgrammingError):
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.5 * (attempt + 1))
+
+
 def machine_id() -> str:
     """What tells machines apart in sampler seeds: `PIPELINE_MACHINE_ID` when set, else the
     host name and the project's folder (two working copies on one host are two machines; one
@@ -189,7 +204,7 @@ def load_study(params: Params, name: str, worker: int = 0) -> optuna.Study:
             Path(url.removeprefix("sqlite:///").split("?")[0]).parent.mkdir(
                 parents=True, exist_ok=True
             )
-        storage = make_storage(url)
+        storage = open_storage(url)
         try:
             existing = len(
                 storage.get_all_trials(storage.get_study_id_from_name(name), deepcopy=False)

@@ -582,10 +582,24 @@ def test_make_storage_server_urls_get_the_heartbeat_without_sqlite_options(monke
     assert study.make_storage("redis://h") == ("plain", "redis://h")
 
 
-def test_sampler_seed_is_32_bits_and_defaults_to_this_host(monkeypatch):
+def test_sampler_seed_is_32_bits_and_defaults_to_this_machine(monkeypatch, tmp_path):
     monkeypatch.setattr(study.socket, "gethostname", lambda: "host-x")
-    assert study.sampler_seed(3, 1, 2) == study.sampler_seed(3, 1, 2, "host-x")
-    assert study.sampler_seed(3, 1, 2) != study.sampler_seed(3, 1, 2, "host-y")
+    monkeypatch.delenv("PIPELINE_MACHINE_ID", raising=False)
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    for copy in ("a", "b"):
+        (tmp_path / copy).mkdir()
+    monkeypatch.chdir(tmp_path / "a")
+    here = f"host-x:{tmp_path / 'a'}"
+    assert study.machine_id() == here
+    assert study.sampler_seed(3, 1, 2) == study.sampler_seed(3, 1, 2, here)
+    monkeypatch.chdir(tmp_path / "b")  # a second working copy on the same host: another machine
+    assert study.sampler_seed(3, 1, 2) == study.sampler_seed(3, 1, 2, f"host-x:{tmp_path / 'b'}")
+    assert study.sampler_seed(3, 1, 2) != study.sampler_seed(3, 1, 2, here)
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path / "a"))  # a DVC experiment's copy: the project's
+    assert study.sampler_seed(3, 1, 2) == study.sampler_seed(3, 1, 2, here)
+    monkeypatch.setenv("PIPELINE_MACHINE_ID", "node-7")
+    assert study.machine_id() == "node-7"
+    assert study.sampler_seed(3, 1, 2) == study.sampler_seed(3, 1, 2, "node-7")
     assert study.sampler_seed(0, 0, 0, "a") == 4070366536  # sha256('[0, "a", 0, 0]')[:8], hex
     assert study.sampler_seed(0, 0, 1, "a") != study.sampler_seed(0, 0, 0, "a")
     seeds = [study.sampler_seed(s, 0, 0, "a") for s in range(200)]
@@ -653,7 +667,7 @@ def test_load_study_creates_then_resumes_with_a_trial_count_seed(tmp_path, tiny_
     assert optuna.logging.get_verbosity() == optuna.logging.WARNING
     assert first.direction == optuna.study.StudyDirection.MAXIMIZE
     assert type(first.pruner) is optuna.pruners.SuccessiveHalvingPruner  # not Optuna's default
-    host = study.socket.gethostname()
+    host = study.machine_id()
     expected = optuna.samplers.RandomSampler(seed=study.sampler_seed(0, 3, 0, host))
     assert _draws(first.sampler) == _draws(expected)
     first.add_trial(optuna.trial.create_trial(value=0.5))
