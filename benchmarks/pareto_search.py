@@ -220,11 +220,14 @@ def plot(curves: dict, path: Path, reference) -> None:
 
     fig, ax = plt.subplots(figsize=(7.5, 4.2))
     grid = list(range(0, N_TRIALS * EPOCHS + 1, 4))
+    lowest = []
     for arm, per_seed in curves.items():
         medians = [statistics.median(at_epochs(c, e) for c in per_seed) for e in grid]
         last = max(spent for c in per_seed for spent, _ in c)
         xs = [e for e in grid if e <= last]
         ax.plot(xs, medians[: len(xs)], label=arm)
+        lowest.append(min(m for m in medians[: len(xs)] if m > 0))
+    ax.set_ylim(bottom=0.97 * min(lowest))  # from the first complete trial: the gaps show
     ax.set_xlabel("epochs spent")
     ax.set_ylabel("hypervolume (median over seeds)")
     ax.set_title(
@@ -243,7 +246,12 @@ def main() -> None:
     parser.add_argument("--arms", nargs="+", choices=ARMS, default=ARMS)
     parser.add_argument("--plot", type=Path, default=None, help="hypervolume vs epochs PNG")
     parser.add_argument("--json", type=Path, default=None, help="write every curve here")
+    parser.add_argument("--replot", type=Path, default=None, help="plot a --json file, no run")
     args = parser.parse_args()
+    if args.replot:
+        saved = json.loads(args.replot.read_text())
+        plot(saved["curves"], args.plot, saved["reference"])
+        return
     data = digits_task(HARD_TRAIN_IMAGES)
     params = parse_params(base_params(0, Path("."), {}))
     start = time.perf_counter()

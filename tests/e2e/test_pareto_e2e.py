@@ -29,8 +29,8 @@ FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 def _pareto_params(**search):
     raw = copy.deepcopy(TINY_PARAMS)
     raw["search"] = {
-        "n_trials": 8,
-        "epochs": 4,
+        "n_trials": 6,
+        "epochs": 3,
         "objectives": ["accuracy", "latency"],
         "space": {"lr": [0.005, 0.5], "width": [0.5, 1.0]},
         **search,
@@ -136,6 +136,7 @@ def test_dvc_repro_with_a_latency_budget_ships_the_most_accurate_front_trial_wit
 ):
     project = copy_project(tmp_path / "project")
     raw = _pareto_params()
+    raw["train"]["epochs"] = 1  # a weak baseline: the chosen trial ships, not the baseline
     write_params(project, raw)
     dvc(project, "repro", "search")
     front = list(csv.DictReader((project / "studies" / "pareto.csv").open()))
@@ -162,13 +163,16 @@ def test_dvc_repro_with_a_latency_budget_ships_the_most_accurate_front_trial_wit
     output = dvc(project, "repro")  # the study resumes: no new trial, the chosen one retrained
     assert "Running stage 'export'" in output
     study = _load(project)
-    assert sum(t.state in FINISHED for t in study.trials) == 8
+    assert sum(t.state in FINISHED for t in study.trials) == 6
     fits = {n: p for n, p in complete.items() if p[1] <= budget}
     chosen = max(fits, key=lambda n: (fits[n][0], -fits[n][1], -n))
     metrics = json.loads((project / "metrics" / "search.json").read_text())
     assert metrics["selected_trial"] == chosen
     rows = list(csv.DictReader((project / "studies" / "pareto.csv").open()))
     assert [r["selected"] for r in rows].count("True") == 1
+    report = json.loads((project / "reports" / "search.json").read_text())
+    assert report["tuned_source"] == "search"
+    assert report["selected_latency"] == complete[chosen][1] <= budget
     model, blob = load_checkpoint(project / "models" / "tuned.pt")
     width = study.trials[chosen].params["width"]
     assert blob["arch"]["options"]["widths"] == [max(1, round(c * width)) for c in (16, 32)]

@@ -317,7 +317,7 @@ def test_a_worse_search_keeps_the_baseline_and_says_so(
         n_trials=3,
         epochs=2,
         pruner="none",
-        space={"lr": [0.002, 0.004], "batch_size": [128]},
+        space={"lr": [0.006, 0.01], "batch_size": [128]},
     )
     data = DeviceData(digits_prepared, torch.device("cpu"))
     outcome = search.run(params, data, baseline_ckpt, None, progress=False)
