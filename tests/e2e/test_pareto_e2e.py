@@ -54,7 +54,8 @@ def _trials_or_none(project):
 def test_kill_9_mid_trial_of_a_pareto_study_then_resume_with_two_workers(tmp_path):
     n = 8
     project = copy_project(tmp_path / "project")
-    raw = _pareto_params(n_trials=n, epochs=24)  # rungs at epochs 1, 2, 4, 8, 16
+    epochs = 60  # rungs at epochs 1, 2, 4, 8, 16, 32: a long last stretch to kill it in
+    raw = _pareto_params(n_trials=n, epochs=epochs)
     write_params(project, raw)
     assert run_module(project, "pipeline.prepare").returncode == 0
     proc = subprocess.Popen(
@@ -67,13 +68,13 @@ def test_kill_9_mid_trial_of_a_pareto_study_then_resume_with_two_workers(tmp_pat
     deadline, killed = time.time() + 300, None
     while time.time() < deadline and proc.poll() is None:
         trials = _trials_or_none(project)
-        # past its last rung, with epochs to go: neither stopped nor complete when killed
-        # (the params.yaml trial, first at every rung, always gets there)
+        # past rung 16, with epochs to go (the params.yaml trial, first at every rung, is
+        # never stopped): a window of 40 epochs, wide enough on a fast machine too
         running = [
             t
             for t in trials
             if t.state == TrialState.RUNNING
-            and 16 < len(t.user_attrs.get("val_accuracy_by_epoch") or []) <= 21
+            and 16 < len(t.user_attrs.get("val_accuracy_by_epoch") or []) <= epochs - 4
         ]
         if running:
             os.kill(proc.pid, signal.SIGKILL)
@@ -104,10 +105,10 @@ def test_kill_9_mid_trial_of_a_pareto_study_then_resume_with_two_workers(tmp_pat
     curves = {t.number: t.user_attrs["val_accuracy_by_epoch"] for t in done}
     assert any(t.state == TrialState.PRUNED for t in done)
     assert all(len(curves[t.number]) == t.user_attrs["epochs_run"] for t in done)
-    assert all(len(curves[t.number]) == 24 for t in done if t.state == TrialState.COMPLETE)
+    assert all(len(curves[t.number]) == epochs for t in done if t.state == TrialState.COMPLETE)
     # trials stop only at a rung
     stops = {len(curves[t.number]) for t in done if t.state == TrialState.PRUNED}
-    assert stops <= {1, 2, 4, 8, 16}
+    assert stops <= {1, 2, 4, 8, 16, 32}
     # one measurement per architecture, shared by every trial of that width
     costs = {t.params["width"]: t.user_attrs["latency_ms"] for t in done}
     for t in done:
