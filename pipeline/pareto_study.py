@@ -29,14 +29,14 @@ study (`Trial.report` raises), so the rung decisions are taken here, with the ru
 from __future__ import annotations
 
 import optuna
-import torch
 from optuna.trial import FrozenTrial, TrialState
 
 from pipeline import pareto
 from pipeline.arch_cost import LABELS, SUFFIX, objective_value, study_cost
 from pipeline.config import Params, SelectConfig
 from pipeline.errors import ConfigError
-from pipeline.search_space import trial_params
+from pipeline.search_space import TRAIN_KEYS, trial_params
+from pipeline.stats import chance_level
 
 CURVE_ATTR = "val_accuracy_by_epoch"
 COST_ATTR = "objective_cost"
@@ -44,26 +44,21 @@ COST_KEYS = ("latency_ms", "latency_spread_ms", "macs", "params", "size_bytes")
 REFERENCE_MARGIN = 1.1
 
 
-def start_trial(trial: optuna.Trial, recipe: Params, params: Params, info: dict) -> float:
-    """Record the trial's cost attributes (see the module doc); return its objective value."""
+def start_trial(
+    trial: optuna.Trial, recipe: Params, params: Params, info: dict
+) -> tuple[float, dict]:
+    """Record the trial's cost attributes (see the module doc); return its objective value and
+    the cost numbers for its MLflow run (`objective_<cost>`: the value minimised)."""
     from pipeline.checkpoint import arch_spec
 
     cost = study_cost(trial.study, arch_spec(recipe, info), params, info)
     value = objective_value(cost, params.search.cost)
-    for key in COST_KEYS:
-        trial.set_user_attr(key, cost[key])
+    numbers = {key: cost[key] for key in COST_KEYS}
+    for key, number in numbers.items():
+        trial.set_user_attr(key, number)
     trial.set_user_attr(COST_ATTR, value)
     trial.set_user_attr(CURVE_ATTR, [])
-    return value
-
-
-def cost_metrics(trial: optuna.Trial, params: Params) -> dict:
-    """The trial's cost numbers for its MLflow run (`objective_<cost>`: the value minimised)."""
-    attrs = trial.user_attrs
-    return {
-        **{k: attrs[k] for k in COST_KEYS},
-        f"objective_{params.search.cost}": attrs[COST_ATTR],
-    }
+    return value, {**numbers, f"objective_{params.search.cost}": value}
 
 
 def rung_points(study, epoch: int, trial_number: int, own: pareto.Point) -> dict:
@@ -104,11 +99,16 @@ def front(study) -> list[FrozenTrial]:
     return [by_number[n] for n in pareto.pareto_front(complete_points(study))]
 
 
+def _accuracy_first(t: FrozenTrial) -> tuple:
+    """Sort key: the more accurate, then the cheaper, then the earlier trial is the larger."""
+    return t.values[0], -t.values[1], -t.number
+
+
 def select(study, params: Params) -> FrozenTrial:
     """The front trial `search.select` ships (see the module doc)."""
     candidates = front(study)
     rule = params.search.select
-    most_accurate = max(candidates, key=lambda t: (t.values[0], -t.values[1], -t.number))
+    most_accurate = max(candidates, key=_accuracy_first)
     if not isinstance(rule, SelectConfig):
         return most_accurate
     key, bound = rule.chosen()
@@ -130,13 +130,13 @@ def select(study, params: Params) -> FrozenTrial:
             f"cheapest measures {cheapest.values[1]:.6g} {unit} (trial {cheapest.number}, val "
             f"accuracy {cheapest.values[0]:.4f})"
         )
-    return max(feasible, key=lambda t: (t.values[0], -t.values[1], -t.number))
+    return max(feasible, key=_accuracy_first)
 
 
 def largest_recipe(params: Params) -> Params:
     """The space's largest architecture (widest, deepest), trained fields as params.yaml's."""
     space, train = params.search.space, params.train
-    hp = {"lr": train.lr, "batch_size": train.batch_size, "weight_decay": train.weight_decay}
+    hp = {k: getattr(train, k) for k in TRAIN_KEYS}
     if space.width is not None:
         hp["width"] = max(space.width)
     if space.depth is not None:
@@ -185,8 +185,7 @@ def choose_trial(study, params: Params, val_labels, info: dict) -> tuple[FrozenT
     if params.search.cost is None:
         return study.best_trial, {"selected_trial": None, "n_pareto": None, "hypervolume": None}
     chosen = select(study, params)
-    labels = val_labels.cpu()
-    chance = torch.bincount(labels).max().item() / len(labels)
+    chance = chance_level(val_labels.cpu())
     return chosen, {
         "selected_trial": chosen.number,
         f"selected_{params.search.cost}": chosen.values[1],

@@ -17,8 +17,9 @@ project's own folder, also for a queued or `--temp` DVC experiment. Run: `dvc re
 `search.objectives: [accuracy, latency | size | macs]` makes it a Pareto search with early
 stopping (`pipeline.pareto_study`): each trial's architecture is timed in ONNX Runtime once per
 study, trials stop at the successive-halving rungs unless they rank in the top 1/eta by
-non-dominated sorting, and `search.select` picks the front trial to ship (the most accurate, the
-most accurate within a cost budget, or the cheapest above an accuracy bar).
+non-dominated sorting or lie on that rung's Pareto front, and `search.select` picks the front
+trial to ship (the most accurate, the most accurate within a cost budget, or the cheapest above
+an accuracy bar).
 
 Decisions, all on the val split:
 1. Each trial's objective is the val accuracy of the model it would ship (its last epoch).
@@ -43,7 +44,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
-import torch
 from optuna.trial import TrialState
 from torch import nn
 
@@ -59,7 +59,7 @@ from pipeline.reporting import search_summary
 from pipeline.results import write_results
 from pipeline.search_space import trial_params
 from pipeline.search_study import TRIAL_COLUMNS, run_study, snapshot_study, summarize, trial_rows
-from pipeline.stats import PairedDifference, accuracy_interval, paired_difference
+from pipeline.stats import PairedDifference, accuracy_interval, chance_level, paired_difference
 from pipeline.study import load_study, study_name
 from pipeline.tracking import check_tracking, stage_run
 from pipeline.train import load_device_data, train_and_evaluate
@@ -99,7 +99,7 @@ def check_above_chance(best_value: float, data: DeviceData, params: Params) -> N
     accuracy must lie above it."""
     labels = data.y["val"].cpu()
     n = len(labels)
-    chance = torch.bincount(labels).max().item() / n
+    chance = chance_level(labels)
     hits = round(best_value * n)
     low, _ = accuracy_interval([True] * hits + [False] * (n - hits))
     if low <= chance:

@@ -94,6 +94,11 @@ def paired_difference(
     )
 
 
+def chance_level(labels) -> float:
+    """The accuracy of always answering the majority class of `labels` (a tensor of ints)."""
+    return labels.bincount().max().item() / len(labels)
+
+
 def accuracy_interval(correct, confidence: float = CONFIDENCE) -> tuple[float, float]:
     """Wilson score interval of one model's accuracy from its per-image correctness."""
     hits = np.asarray(correct, dtype=bool)

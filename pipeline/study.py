@@ -314,9 +314,9 @@ def make_objective(
         retried = _retried_trial_number(trial)
         trial.set_user_attr("worker", worker)
         trial.set_user_attr("device", str(data.device))
-        cost_value = None
+        cost_value, cost_numbers = None, {}
         if pareto:  # measured (or read from the study) before training: the rungs need it
-            cost_value = pareto_study.start_trial(trial, recipe, params, data.info)
+            cost_value, cost_numbers = pareto_study.start_trial(trial, recipe, params, data.info)
         tags = {
             "trial_number": trial.number,
             "state": "RUNNING",
@@ -335,7 +335,7 @@ def make_objective(
             trial.set_user_attr("mlflow_run_id", run.run_id)
             run.log_params({**hp, "trial_number": trial.number})
             if pareto:
-                run.log_metrics(pareto_study.cost_metrics(trial, params), 0)
+                run.log_metrics(cost_numbers, 0)
         start = time.perf_counter()
 
         epochs_run = 0
@@ -349,7 +349,9 @@ def make_objective(
             if pareto:
                 curve.append(metrics["val_accuracy"])
                 if pareto_study.should_stop(trial, curve, cost_value, params):
-                    raise optuna.TrialPruned(f"stopped at epoch {epoch} (not in the top rank)")
+                    raise optuna.TrialPruned(
+                        f"stopped at epoch {epoch} (neither in the top 1/eta nor on the front)"
+                    )
                 return
             trial.report(metrics["val_accuracy"], epoch)
             if trial.should_prune():

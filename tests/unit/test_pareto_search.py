@@ -318,7 +318,9 @@ def test_a_retried_trial_starts_with_no_curve_and_the_cost_of_its_architecture()
     from pipeline.search_space import suggest
 
     recipe = trial_params(params, suggest(trial, params))
-    assert pareto_study.start_trial(trial, recipe, params, INFO) == 0.3
+    value, numbers = pareto_study.start_trial(trial, recipe, params, INFO)
+    assert value == 0.3
+    assert (numbers["objective_latency"], numbers["macs"], numbers["params"]) == (0.3, 70, 7)
     attrs = s.trials[-1].user_attrs
     assert attrs[pareto_study.CURVE_ATTR] == []  # competitors must not see the dead curve
     assert (attrs["latency_ms"], attrs["macs"], attrs["params"]) == (0.3, 70, 7)
