@@ -4,7 +4,11 @@ noise (the rules that read them: `pipeline.champion`).
 Batch-1 latency, per provider, of every variant that runs on it, timed in turns
 (`onnx_tools.interleaved_latency`): `ROUNDS` rounds of max(1, `export.latency_runs` // ROUNDS)
 runs each, after `export.warmup_runs` warm-up runs, the variants' order rotated each round, so a
-slow spell of a shared machine hits every variant alike. CPU sessions are pinned to `THREADS`
+slow spell of a shared machine hits every variant alike. Each round, and the warm-up, also lasts
+at least `MIN_ROUND_S` (more runs of a fast model): with one run per round, a model of ten
+microseconds got a spread that changed from one export run to the next, and with it the
+recommendation (30 identical runs of the test project's four variants: two different
+recommendations with 1 run per round, one with 20 ms rounds). CPU sessions are pinned to `THREADS`
 intra-op threads. Each variant gets `champion.summarize_latency` (p50 = median of the round
 medians, p95, spread = range of the round medians) and its throughput at
 `export.benchmark_batch` (`onnx_tools.throughput`). `settings(params)` is what the manifest and
@@ -25,6 +29,7 @@ from pipeline.config import Params
 CPU = "CPUExecutionProvider"
 THREADS = 1  # intra-op threads of every CPU session timed: one core, comparable across runs
 ROUNDS = 5
+MIN_ROUND_S = 0.02  # the least time each variant is timed per round (and warmed up)
 
 
 def cpu_name() -> str:
@@ -52,6 +57,7 @@ def settings(params: Params) -> dict:
         "cpu_threads": THREADS,
         "rounds": ROUNDS,
         "runs_per_round": max(1, cfg.latency_runs // ROUNDS),
+        "min_round_s": MIN_ROUND_S,
         "warmup_runs": cfg.warmup_runs,
         "batch": cfg.benchmark_batch,
     }
@@ -74,7 +80,9 @@ def benchmark(variants: list, x: np.ndarray, params: Params) -> None:
             for v in variants
             if provider in v.sessions
         }
-        rounds = onnx_tools.interleaved_latency(sessions, x, ROUNDS, runs, cfg.warmup_runs)
+        rounds = onnx_tools.interleaved_latency(
+            sessions, x, ROUNDS, runs, cfg.warmup_runs, min_round_s=MIN_ROUND_S
+        )
         for v in variants:
             if v.spec.name not in sessions:
                 continue

@@ -29,6 +29,7 @@ import contextlib
 import logging
 import os
 import signal
+import sys
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -111,7 +112,13 @@ def broadcast_buffers(model: nn.Module) -> None:
 
 def _terminated(signum, frame):
     """torchrun stops the surviving ranks with SIGTERM when one fails, and reports that one
-    itself: exit quietly, through the `with` blocks (rank 0's MLflow run ends FAILED)."""
+    itself: exit quietly, through the `with` blocks (rank 0's MLflow run ends FAILED).
+
+    A rank already on its way out (its collective saw the dead peer first, so an exception is
+    being handled: a `with` block is closing the MLflow run) lets that finish: a SystemExit
+    raised inside MLflow's end_run would leave the run RUNNING."""
+    if sys.exc_info()[1] is not None:
+        return
     raise SystemExit(128 + signum)
 
 

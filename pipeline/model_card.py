@@ -97,7 +97,8 @@ def model_card(manifest: dict) -> str:
         f"- Machine: {bench['cpu']} ({bench['cpu_count']} logical CPUs), {bench['system']}, "
         f"ONNX Runtime {bench['onnxruntime']}; GPU: {manifest['gpu']}.",
         f"- Batch 1 on val images, {bench['rounds']} interleaved rounds of "
-        f"{bench['runs_per_round']} runs per variant after {bench['warmup_runs']} warm-up runs; "
+        f"{bench['runs_per_round']} runs per variant (and at least {bench['min_round_s'] * 1e3:g} "
+        f"ms) after {bench['warmup_runs']} warm-up runs; "
         f"CPU sessions pinned to {bench['cpu_threads']} intra-op thread(s). p50 is the median of "
         f"the round medians, spread their range.",
         f"- Recommendation: {manifest['recommendation']}.",

@@ -440,11 +440,16 @@ def interleaved_latency(
     runs: int = 20,
     warmup_runs: int = 10,
     batch: int = 1,
+    min_round_s: float = 0.0,
 ) -> dict[str, list[list[float]]]:
     """Latency of several sessions timed in turns, so that a slow spell of a shared machine
     hits each of them alike: `warmup_runs` untimed runs each, then `rounds` rounds, each timing
     `runs` runs of every session on `batch` images (cycling over `images`, repeated when there
-    are fewer), the order rotated by one each round. name -> per round, the run times in ms."""
+    are fewer), the order rotated by one each round. name -> per round, the run times in ms.
+
+    `min_round_s`: each session's warm-up and each of its rounds also last at least this long
+    (more runs, as `timeit` does), so a model of a few microseconds is timed over enough runs
+    for its round medians, and the spread between them, to repeat from one call to the next."""
     import time
 
     if len(images) < batch:
@@ -456,15 +461,18 @@ def interleaved_latency(
     names = list(sessions)
     feeds = {n: sessions[n].get_inputs()[0].name for n in names}
     for n in names:
-        for i in range(warmup_runs):
+        i, until = 0, time.perf_counter() + min_round_s
+        while i < warmup_runs or time.perf_counter() < until:
             sessions[n].run(None, {feeds[n]: singles[i % len(singles)]})
+            i += 1
     times: dict[str, list[list[float]]] = {n: [] for n in names}
     for r in range(rounds):
         for n in names[r % len(names) :] + names[: r % len(names)]:
             session, feed, round_ms = sessions[n], feeds[n], []
-            for i in range(runs):
+            until = time.perf_counter() + min_round_s
+            while len(round_ms) < runs or time.perf_counter() < until:
                 start = time.perf_counter()
-                session.run(None, {feed: singles[i % len(singles)]})
+                session.run(None, {feed: singles[len(round_ms) % len(singles)]})
                 round_ms.append((time.perf_counter() - start) * 1e3)
             times[n].append(round_ms)
     return times

@@ -80,3 +80,50 @@ def test_only_collective_failures_count_as_a_lost_peer():
     shape_bug = RuntimeError("mat1 and mat2 shapes cannot be multiplied (4x3 and 2x2)")
     assert not distributed.is_peer_failure(shape_bug)
     assert not distributed.is_peer_failure(ValueError("gloo"))
+
+
+def _sigterm_self_during(seconds: float) -> None:
+    """Send this process SIGTERM, then spend `seconds` in Python (where handlers run)."""
+    import os
+    import signal
+    import time
+
+    os.kill(os.getpid(), signal.SIGTERM)
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        time.sleep(0.001)
+
+
+class _Closing:
+    """A `with` block whose exit takes a while and is hit by SIGTERM (MLflow's end_run)."""
+
+    def __init__(self):
+        self.closed = False
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        _sigterm_self_during(0.05)
+        self.closed = True
+
+
+def test_sigterm_exits_quietly_but_never_interrupts_a_with_block_closing_on_an_error():
+    """torchrun's SIGTERM to the survivors: SystemExit when the rank is working; ignored when it
+    is already closing its `with` blocks on an error (the peer's death reached it first), so
+    rank 0's MLflow run is ended, not left RUNNING by a SystemExit inside end_run."""
+    import signal
+
+    previous = signal.signal(signal.SIGTERM, distributed._terminated)
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            _sigterm_self_during(1.0)
+        assert stopped.value.code == 128 + signal.SIGTERM
+
+        closing = _Closing()
+        with pytest.raises(RuntimeError, match="Connection closed by peer"):
+            with closing:
+                raise RuntimeError("[gloo] Connection closed by peer")
+        assert closing.closed  # the exit ran to its end
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -499,3 +499,40 @@ def test_check_parity_lists_the_first_ten_disagreeing_images_and_rounds_agreemen
     result = check_parity("fp32", reference + 1e-5, reference, ExportConfig(), "p")
     assert isinstance(result["max_abs_diff"], float) and result["max_abs_diff"] < 2e-5
     assert result["passed"] is True and type(result["passed"]) is bool
+
+
+def _relu_session():
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])],
+        "relu",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    return onnx_tools.session_for(model.SerializeToString(), threads=1)[0]
+
+
+def test_interleaved_latency_times_each_round_for_at_least_min_round_s():
+    """A model of microseconds is timed over many runs per round when `min_round_s` asks for
+    it (the spread between round medians then repeats from run to run); `runs` alone when not."""
+    import time
+
+    sessions = {"a": _relu_session(), "b": _relu_session()}
+    x = np.random.default_rng(0).normal(size=(8, 4)).astype(np.float32)
+    plain = onnx_tools.interleaved_latency(sessions, x, rounds=3, runs=2, warmup_runs=1)
+    assert {n: [len(r) for r in rounds] for n, rounds in plain.items()} == {
+        "a": [2, 2, 2],
+        "b": [2, 2, 2],
+    }
+    start = time.perf_counter()
+    long = onnx_tools.interleaved_latency(
+        sessions, x, rounds=3, runs=2, warmup_runs=1, min_round_s=0.02
+    )
+    # 2 warm-ups + 3 rounds x 2 sessions, each at least 20 ms
+    assert time.perf_counter() - start >= 8 * 0.02
+    for rounds in long.values():
+        assert len(rounds) == 3
+        assert all(len(r) > 20 for r in rounds)  # a Relu of 4 floats runs in microseconds
+        assert all(min(r) > 0 for r in rounds)

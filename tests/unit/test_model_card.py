@@ -53,6 +53,7 @@ MANIFEST = {
         "cpu_threads": 1,
         "rounds": 5,
         "runs_per_round": 20,
+        "min_round_s": 0.02,
         "warmup_runs": 10,
     },
     "compression": {
@@ -83,7 +84,9 @@ def test_the_card_states_each_variants_numbers_and_the_compression_path():
     assert "Splits: train 1167 images, val 270 (every check and choice), test 360" in card
     assert "2 classes: 0, 1." in card and "Input `input`, layout NHWC, shape [1, 8, 8]" in card
     assert "Machine: CPU X (2 logical CPUs), Linux, ONNX Runtime 1.0; GPU: not available" in card
-    assert "5 interleaved rounds of 20 runs per variant after 10 warm-up runs" in card
+    assert (
+        "5 interleaved rounds of 20 runs per variant (and at least 20 ms) after 10 warm-up" in card
+    )
     assert "pinned to 1 intra-op thread(s)" in card
     assert "The tuned model (widths [16, 32]): 5178 parameters, 51780 MACs per image" in card
     assert "ratio 0.25 (requested 0.5; budget: at most 1.00 points lost on val)" in card
