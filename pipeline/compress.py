@@ -8,6 +8,8 @@ Writes: `models/compressed/` (`pruned.pt`: checkpoint with the pruned widths, te
 `reports/compress.json` (the whole record), `plots/compression.csv`, `plots/compression.png`;
 one MLflow run with the params, every variant's metrics, the fine-tuning curves, the plot and
 the ONNX files. Run: `dvc repro compress`, `pipeline compress` or `python -m pipeline.compress`.
+`train.nproc: N` (params.yaml's, not the checkpoint's) fine-tunes data-parallel in N processes
+under torchrun: every rank runs the ratio search (`prune_tuned`), rank 0 alone the rest.
 
 1. `pipeline.pruning` (Torch-Pruning, DepGraph) removes `compress.prune_ratio` of the channels
    of every prunable layer in `prune_steps` steps; the shared engine fine-tunes after each with
@@ -35,6 +37,7 @@ the ONNX files. Run: `dvc repro compress`, `pipeline compress` or `python -m pip
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import sys
@@ -44,11 +47,11 @@ from pathlib import Path
 
 from torch import nn
 
-from pipeline import paths
+from pipeline import distributed, paths
 from pipeline.checkpoint import build_model, load_checkpoint, pruned_spec, save_checkpoint
 from pipeline.config import CompressConfig, Params, load_params, parse_params
-from pipeline.data import DeviceData
-from pipeline.engine import EpochCallback, correct_per_image
+from pipeline.data import DeviceData, load_prepared
+from pipeline.engine import EpochCallback, correct_per_image, resolve_device
 from pipeline.errors import ConfigError, DataError, stage_entry
 from pipeline.onnx_variants import Variant, export_fp32, export_variants, measure, score_test
 from pipeline.plots import compression_plot, write_csv
@@ -63,7 +66,7 @@ from pipeline.ratio_search import (
 )
 from pipeline.reporting import compress_table, difference_metrics
 from pipeline.results import write_results
-from pipeline.tracking import stage_run
+from pipeline.tracking import NullRun, stage_run
 from pipeline.train import load_device_data
 from pipeline.variants import REFERENCE, VARIANTS
 
@@ -91,7 +94,38 @@ def resolve_params(blob: dict, params: Params) -> Params:
         warnings.warn(f"tuned checkpoint config unusable ({err}); using params.yaml", stacklevel=2)
         return params
     kept = {key: getattr(params, key) for key in ("seed", "device", "tracking", "compress")}
-    return dataclasses.replace(tuned, **kept)
+    # processes are this machine's choice, not a tuned hyperparameter
+    processes = {key: getattr(params.train, key) for key in ("nproc", "ddp_timeout_s")}
+    return dataclasses.replace(tuned, train=dataclasses.replace(tuned.train, **processes), **kept)
+
+
+@dataclass
+class Pruning:
+    """The ratio search's result: what every rank computes under torchrun."""
+
+    tuned: nn.Module
+    blob: dict  # the tuned checkpoint
+    resolved: Params
+    chosen: PruneAttempt
+    attempts: list[PruneAttempt]
+
+
+def prune_tuned(
+    params: Params, data: DeviceData, tuned_path: str | Path, on_epoch: EpochCallback | None
+) -> Pruning:
+    """Load the tuned model and search the prune ratio (`pipeline.ratio_search`). Under
+    torchrun every rank runs this: the fine-tuning is data-parallel, and each rank scores the
+    same model on all of val, so all make the same choices."""
+    tuned, blob = load_checkpoint(tuned_path)
+    resolved = resolve_params(blob, params)
+    cfg = params.compress
+    tuned_correct = correct_per_image(tuned, data)  # the attempts' reference: PyTorch, like them
+    attempt = reuse_equal_widths(
+        lambda ratio: prune_attempt(tuned, data, resolved, tuned_correct, ratio, on_epoch),
+        lambda ratio: pruned_widths(tuned, data, ratio, cfg, resolved.train),
+    )
+    chosen, attempts = search_ratio(cfg.prune_ratio, cfg.backoff_steps, attempt)
+    return Pruning(tuned, blob, resolved, chosen, attempts)
 
 
 def run(
@@ -105,12 +139,14 @@ def run(
 
     Every choice reads the val split; the test split is scored last (`score_test`). Returns the
     pruned model, its arch (with the pruned widths), every pruning attempt, every variant
-    (scored and judged) and the record for `reports/compress.json`.
+    (scored and judged) and the record for `reports/compress.json`. Under torchrun this is
+    rank 0's part; the other ranks run `prune_tuned` alone.
     """
     cfg = params.compress
     data = data or load_device_data(params)
-    tuned, blob = load_checkpoint(tuned_path)
-    resolved = resolve_params(blob, params)
+    pruning = prune_tuned(params, data, tuned_path, on_epoch)
+    tuned, blob, resolved = pruning.tuned, pruning.blob, pruning.resolved
+    chosen, attempts = pruning.chosen, pruning.attempts
     files = {v.name: Path(out_dir) / v.source.name for v in VARIANTS}
     metadata = {"classes": blob["classes"], "normalization": blob["normalization"]}
     metadata["source_checkpoint"] = str(tuned_path)
@@ -118,13 +154,6 @@ def run(
     export_fp32(tuned, files[REFERENCE], data, metadata | {"variant": REFERENCE})
     dense, dense_pred = measure(REFERENCE, files[REFERENCE], data, dense_size)
     dense.accepted, dense.reason = True, "reference: the tuned model"
-    tuned_correct = correct_per_image(tuned, data)  # the attempts' reference: PyTorch, like them
-
-    attempt = reuse_equal_widths(
-        lambda ratio: prune_attempt(tuned, data, resolved, tuned_correct, ratio, on_epoch),
-        lambda ratio: pruned_widths(tuned, data, ratio, cfg, resolved.train),
-    )
-    chosen, attempts = search_ratio(cfg.prune_ratio, cfg.backoff_steps, attempt)
     export_variants(chosen.model, files, data, metadata, resolved)
     size, dense_correct = (chosen.params, chosen.macs), dense_pred == data.y["val"].cpu().numpy()
     fp32, fp32_pred = measure(
@@ -141,6 +170,7 @@ def run(
     base_arch = {k: v for k, v in blob["arch"].items() if k != "pruned"}
     arch = base_arch | {"pruned": pruned_spec(build_model(base_arch), chosen.model)}
     metrics = summarize(cfg, chosen, attempts, variants, len(data.y["test"]))
+    metrics["finetune_processes"] = distributed.active_world_size()
     return CompressOutcome(chosen.model.eval(), arch, attempts, variants, metrics, resolved)
 
 
@@ -224,15 +254,29 @@ def main(argv: list[str] | None = None) -> None:
     params = load_params(paths.PARAMS)
     if not paths.TUNED_CKPT.is_file():
         raise DataError(f"{paths.TUNED_CKPT}: not found; run the search stage first (dvc repro)")
-    data = load_device_data(params)
+    if params.train.nproc > 1 and not distributed.launched():  # the fine-tuning data-parallel
+        load_prepared(paths.PREPARED_DIR)  # a missing dataset: one error here, not one per rank
+        device = resolve_device(params.device)
+        distributed.launch(params.train.nproc, "pipeline.compress", "compress", device)
+        return
+    data = load_device_data(params, distributed.local_rank())
+    main_rank = distributed.is_main()
     step = itertools.count(1)  # fine-tuning epochs of every attempt, in order
-    with stage_run("compress", params, data.info["sha256"]["all"]) as tracker:
+    with (
+        distributed.process_group(data.device, params.train.ddp_timeout_s, "compress"),
+        stage_run("compress", params, data.info["sha256"]["all"])
+        if main_rank
+        else contextlib.nullcontext(NullRun()) as tracker,
+    ):
         tracker.log_params(params.to_dict())
 
         def log_epoch(epoch: int, metrics: dict) -> None:
             values = {f"finetune_{k}": v for k, v in metrics.items() if k != "epoch"}
             tracker.log_metrics(values, step=next(step))
 
+        if not main_rank:  # a data-parallel rank: its part is the fine-tuning
+            prune_tuned(params, data, paths.TUNED_CKPT, log_epoch)
+            return
         outcome = run(params, data=data, on_epoch=log_epoch)
         write_outputs(outcome, data.info)
         log_outcome(tracker, outcome)

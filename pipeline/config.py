@@ -84,6 +84,8 @@ class TrainConfig:
     label_smoothing: float = field(default=0.0, metadata=_check(lambda x: 0 <= x < 1, "0..1"))
     augment: Literal["auto", "none", "crop", "crop_flip"] = "auto"
     amp: bool = True  # bf16 autocast on CUDA (ignored on CPU)
+    # bf16 autocast of the training step on CPUs with native bf16 (AVX512-BF16 / AMX)
+    amp_cpu: bool = False
     channels_last: bool = True  # NHWC memory format for model and batches (CPU and CUDA)
     compile: bool = False  # torch.compile the model (CUDA)
     # train stage: >1 launches it under torchrun with this many processes (one per GPU);
@@ -358,6 +360,18 @@ class Params:
     search: SearchConfig = SearchConfig()
     compress: CompressConfig = CompressConfig()
     export: ExportConfig = ExportConfig()
+
+    def __post_init__(self):
+        # the search's retrain (and compress's fine-tuning) split the chosen batch over the
+        # train.nproc processes
+        nproc = self.train.nproc
+        odd = [b for b in self.search.space.batch_size if b % nproc]
+        if nproc > 1 and odd:
+            raise ConfigError(
+                f"search.space.batch_size: got {list(self.search.space.batch_size)}; with "
+                f"train.nproc {nproc} every choice must be a multiple of {nproc} ({odd} is not): "
+                f"the chosen batch is the global batch of the data-parallel retrain"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return _plain(dataclasses.asdict(self))

@@ -177,10 +177,12 @@ def process_group(device: torch.device, timeout_s: float, stage: str) -> Iterato
         signal.signal(signal.SIGTERM, previous)
 
 
-def launch(nproc: int, module: str, stage: str, device: torch.device) -> None:
-    """Run `python -m module` in `nproc` processes under torchrun's launcher on this machine
-    and wait; a failed rank raises StageFailed naming it (exit code 2 of a rank, a user error
-    it has printed already, exits 2). On CUDA each process takes its own GPU."""
+def launch(
+    nproc: int, module: str, stage: str, device: torch.device, args: tuple[str, ...] = ()
+) -> None:
+    """Run `python -m module *args` in `nproc` processes under torchrun's launcher on this
+    machine and wait; a failed rank raises StageFailed naming it (exit code 2 of a rank, a user
+    error it has printed already, exits 2). On CUDA each process takes its own GPU."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
@@ -194,10 +196,10 @@ def launch(nproc: int, module: str, stage: str, device: torch.device) -> None:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
         os.environ["OMP_NUM_THREADS"] = str(max(1, cores // nproc))
     log = Path("logs") / f"torchrun-{stage}.log"
-    args = ["--standalone", "--nproc-per-node", str(nproc), "--max-restarts", "0"]
+    launcher = ["--standalone", "--nproc-per-node", str(nproc), "--max-restarts", "0"]
     with _agent_log(log):
         try:
-            run(parse_args([*args, "-m", module]))
+            run(parse_args([*launcher, "-m", module, *args]))
         except ChildFailedError as err:
             first_rank, failure = err.get_first_failure()
             if failure.exitcode == 2:

@@ -10,7 +10,9 @@ crashed or extended search resumes), `studies/best_params.json`, `studies/trials
 search: the front's size and hypervolume), `reports/search.json` (the whole record),
 `plots/search_*.png`; one MLflow run (the flattened params, like every stage) with every trial
 nested under it. `search.workers: N` runs N processes on the study (several machines: point
-them at one PostgreSQL `search.storage`). A relative SQLite `search.storage` lies in the
+them at one PostgreSQL `search.storage`); each trial trains in one process. `train.nproc: N`
+retrains the chosen trial data-parallel in N processes under torchrun
+(`pipeline.train.train_recipe`). A relative SQLite `search.storage` lies in the
 project's own folder, also for a queued or `--temp` DVC experiment. Run: `dvc repro search`,
 `pipeline search`.
 
@@ -62,7 +64,7 @@ from pipeline.search_study import TRIAL_COLUMNS, run_study, snapshot_study, summ
 from pipeline.stats import PairedDifference, accuracy_interval, chance_level, paired_difference
 from pipeline.study import load_study, study_name
 from pipeline.tracking import check_tracking, stage_run
-from pipeline.train import load_device_data, train_and_evaluate
+from pipeline.train import load_device_data, train_recipe
 
 # metrics/search.json; the rest of the record (study name, tuned_source, the baseline
 # comparison, seconds) goes to reports/search.json
@@ -170,7 +172,7 @@ def run(
     # exactly the trial's recipe: its params and architecture, search.epochs (its OneCycle
     # length), its seed
     recipe = trial_params(params, chosen.params)
-    retrained = train_and_evaluate(recipe, data, recipe.train, description="retrain best")
+    retrained = train_recipe(recipe, data, "search", "retrain best")  # train.nproc processes
     if retrained.fit.status != "ok":
         raise StageFailed(f"search: retraining the best params diverged: {retrained.fit.message}")
     winner = Shipped("search", retrained.model, retrained.arch, recipe, retrained.metrics)
@@ -188,6 +190,7 @@ def run(
         **(difference.record("search_minus_baseline_val_") if difference else {}),
         search_seconds=round(search_seconds, 2),
         retrain_seconds=retrained.metrics["train_seconds"],
+        retrain_processes=retrained.metrics["processes"],
     )
     return SearchOutcome(study, rows, best, tuned, metrics, params)
 

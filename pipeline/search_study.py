@@ -11,9 +11,11 @@ The search stage (`pipeline.search`) and the benchmarks call these.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import optuna
@@ -68,10 +70,40 @@ def _trial_trainer(params: Params, data: DeviceData):
 
 
 def _worker_threads(workers: int) -> int:
-    """Torch threads per worker: this process's CPU share (taskset, cgroup cpusets) split
-    between the workers, so N workers never oversubscribe the cores."""
+    """Torch threads per worker: this process's CPU share (taskset, cgroup cpusets, or
+    `OMP_NUM_THREADS` when set: say `OMP_NUM_THREADS=1 dvc queue start -j 2` to run two queued
+    experiments on 2 cores) split between the workers, so N workers never oversubscribe."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    omp = os.environ.get("OMP_NUM_THREADS", "")
+    if omp.isdigit() and int(omp) > 0:
+        cpus = min(cpus or int(omp), int(omp))
     return max(1, (cpus or 1) // workers)
+
+
+@contextlib.contextmanager
+def extra_workers(
+    target: Callable, params: Params, name: str, parent_run_id: str | None, deadline
+) -> Iterator[None]:
+    """Run `target(params dict, name, parent_run_id, i, deadline)` in spawned processes for
+    workers i = 1 .. search.workers - 1 (worker 0 is the body, in this process); wait for them
+    when the body ends, and stop those still running when it raises."""
+    context = multiprocessing.get_context("spawn")
+    extra = [
+        context.Process(
+            target=target, daemon=True, args=(params.to_dict(), name, parent_run_id, i, deadline)
+        )
+        for i in range(1, params.search.workers)
+    ]
+    for proc in extra:
+        proc.start()
+    try:
+        yield
+        for proc in extra:
+            proc.join()
+    finally:
+        for proc in extra:
+            if proc.is_alive():
+                proc.terminate()
 
 
 def _worker_process(raw_params: dict, name: str, parent_run_id, index: int, deadline) -> None:
@@ -95,17 +127,6 @@ def run_study(
     enqueue_current_params(study, params)
     reconcile_stale_runs(params, study)
     deadline = time.time() + s.timeout_s if s.timeout_s else None
-    context = multiprocessing.get_context("spawn")
-    extra = [
-        context.Process(
-            target=_worker_process,
-            daemon=True,
-            args=(params.to_dict(), name, parent_run_id, i, deadline),
-        )
-        for i in range(1, s.workers)
-    ]
-    for proc in extra:
-        proc.start()
     threads = torch.get_num_threads()
     torch.set_num_threads(_worker_threads(s.workers))
     bar = tqdm(
@@ -116,16 +137,12 @@ def run_study(
         bar.update(min(c["finished"], s.n_trials) - bar.n)
 
     try:
-        objective = make_objective(params, data, parent_run_id, _trial_trainer(params, data))
-        run_worker(study, objective, s.n_trials, deadline, on_progress)
-        for proc in extra:
-            proc.join()
+        with extra_workers(_worker_process, params, name, parent_run_id, deadline):
+            objective = make_objective(params, data, parent_run_id, _trial_trainer(params, data))
+            run_worker(study, objective, s.n_trials, deadline, on_progress)
     finally:
         bar.close()
         torch.set_num_threads(threads)  # the retrain and later stages get every thread back
-        for proc in extra:
-            if proc.is_alive():
-                proc.terminate()
     reconcile_stale_runs(params, study)
     return study
 

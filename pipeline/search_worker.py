@@ -22,7 +22,6 @@ run ends FAILED.
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import sys
 import time
 
@@ -34,7 +33,7 @@ from pipeline.config import Params, load_params, parse_params
 from pipeline.data import DeviceData, prepare
 from pipeline.engine import resolve_device
 from pipeline.errors import ConfigError, UserError, cli_entry
-from pipeline.search_study import _trial_trainer, _worker_threads
+from pipeline.search_study import _trial_trainer, _worker_threads, extra_workers
 from pipeline.study import (
     FINISHED,
     enqueue_current_params,
@@ -106,18 +105,6 @@ def wait_for_study(params: Params, name: str, wait_s: float, poll_s: float = 1.0
         time.sleep(poll_s)
 
 
-def _objective(params: Params, data: DeviceData, parent_run_id, index: int):
-    """The stage's objective; each trial also records the machine that ran it."""
-    inner = make_objective(params, data, parent_run_id, _trial_trainer(params, data), index)
-    machine = machine_id()
-
-    def objective(trial: optuna.Trial):
-        trial.set_user_attr("machine", machine)
-        return inner(trial)
-
-    return objective
-
-
 def work(
     params: Params,
     name: str,
@@ -133,7 +120,7 @@ def work(
     study = load_study(params, name, worker=index)
     if index == 0:  # once per machine; a second copy in the study ends as `duplicate`
         enqueue_current_params(study, params)
-    objective = _objective(params, data, parent_run_id, index)
+    objective = make_objective(params, data, parent_run_id, _trial_trainer(params, data), index)
     run_worker(study, objective, params.search.n_trials, deadline, on_progress)
     return study
 
@@ -151,15 +138,6 @@ def run(params: Params, wait_s: float = 600.0) -> dict:
     name = study_name(params, data.info["sha256"]["all"])
     parent_run_id = wait_for_study(params, name, wait_s)
     deadline = time.time() + s.timeout_s if s.timeout_s else None
-    context = multiprocessing.get_context("spawn")
-    extra = [
-        context.Process(
-            target=_process, daemon=True, args=(params.to_dict(), name, parent_run_id, i, deadline)
-        )
-        for i in range(1, s.workers)
-    ]
-    for proc in extra:
-        proc.start()
     shown = {"finished": -1}
 
     def on_progress(c: dict) -> None:
@@ -167,14 +145,8 @@ def run(params: Params, wait_s: float = 600.0) -> dict:
             print(f"search-worker: {c['finished']}/{s.n_trials} trials finished", file=sys.stderr)
             shown["finished"] = c["finished"]
 
-    try:
+    with extra_workers(_process, params, name, parent_run_id, deadline):
         study = work(params, name, parent_run_id, 0, deadline, on_progress, data)
-        for proc in extra:
-            proc.join()
-    finally:
-        for proc in extra:
-            if proc.is_alive():
-                proc.terminate()
     reconcile_stale_runs(params, study)
     here = [
         t

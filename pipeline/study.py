@@ -75,6 +75,8 @@ def study_name(params: Params, dataset_sha256: str) -> str:
     train = dataclasses.asdict(params.train)
     for key in ("lr", "batch_size", "weight_decay", "epochs", "nproc", "ddp_timeout_s"):
         train.pop(key)  # searched or replaced by search.epochs
+    if not train["amp_cpu"]:  # added later: studies named before it keep their names
+        train.pop("amp_cpu")
     recipe = {
         "dataset": dataset_sha256,
         "model": dataclasses.asdict(params.model),
@@ -313,6 +315,7 @@ def make_objective(
         recipe = trial_params(params, hp)
         retried = _retried_trial_number(trial)
         trial.set_user_attr("worker", worker)
+        trial.set_user_attr("machine", machine_id())  # several machines: which one ran it
         trial.set_user_attr("device", str(data.device))
         cost_value, cost_numbers = None, {}
         if pareto:  # measured (or read from the study) before training: the rungs need it

@@ -16,17 +16,20 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from pipeline import distributed, paths
-from pipeline.checkpoint import arch_spec, build_model, save_checkpoint
+from pipeline.checkpoint import arch_spec, build_model, load_checkpoint, save_checkpoint
 from pipeline.config import Params, TrainConfig, load_params
 from pipeline.data import DeviceData, load_prepared
 from pipeline.engine import EpochCallback, FitResult, evaluate, fit, resolve_device
 from pipeline.errors import StageFailed, stage_entry
+from pipeline.files import write_json
 from pipeline.plots import training_curves, write_csv
 from pipeline.results import write_results
 from pipeline.tracking import NullRun, stage_run
@@ -87,6 +90,26 @@ def train_and_evaluate(
         params=sum(p.numel() for p in model.parameters()),
     )
     return TrainOutcome(model, arch, result, metrics)
+
+
+def train_recipe(params: Params, data: DeviceData, stage: str, description: str) -> TrainOutcome:
+    """`train_and_evaluate(params, data)`, data-parallel in `params.train.nproc` processes under
+    torchrun when that is > 1 and this process is not a rank already (the search's final
+    retrain): the ranks (`pipeline.train_job`) train their shards and rank 0 writes the model
+    and the record to a temporary checkpoint, read back here; the model comes back on
+    `data.device`. A failed rank raises StageFailed naming `stage`."""
+    nproc = params.train.nproc
+    if nproc <= 1 or distributed.launched():
+        return train_and_evaluate(params, data, params.train, description=description)
+    with tempfile.TemporaryDirectory(prefix=f"{stage}-ddp-") as tmp:
+        job = Path(tmp)
+        write_json(job / "recipe.json", params.to_dict())
+        args = (str(job), stage, description)
+        distributed.launch(nproc, "pipeline.train_job", stage, data.device, args)
+        model, blob = load_checkpoint(job / "model.pt")
+    record = dict(blob["metrics"])
+    fit_result = FitResult(**record.pop("fit"))
+    return TrainOutcome(model.to(data.device), blob["arch"], fit_result, record)
 
 
 def run(

@@ -205,3 +205,34 @@ def test_a_killed_rank_fails_the_stage_with_one_line_and_no_hang(prepared):
     # torchrun's agent messages went to its log, not the console
     assert "(exitcode: -9) local_rank: 1" in (prepared / "logs" / "torchrun-train.log").read_text()
     assert _train_runs(prepared)[-1].info.status == "FAILED"  # rank 0 closed its run
+
+
+def test_search_retrain_and_compress_fine_tuning_run_in_train_nproc_processes(prepared):
+    """`train.nproc: 2` also covers the search's final retrain (its trials keep one process)
+    and the compress fine-tuning: one record each saying 2 processes, one MLflow run each,
+    the fine-tuning curve logged once per epoch (rank 0 alone), the tuned model carrying its
+    config and scoring the chosen trial's val accuracy within noise."""
+    _with_train(prepared, nproc=2)
+    search = run_module(prepared, "pipeline.search")
+    assert search.returncode == 0, search.stderr
+    report = json.loads((prepared / "reports" / "search.json").read_text())
+    assert report["retrain_processes"] == 2
+    # the trial trained in one process, the retrain in two: the same recipe, within 4 images
+    assert abs(report["retrained_val_accuracy"] - report["best_trial_val_accuracy"]) <= 0.015
+    _, blob = load_checkpoint(prepared / "models" / "tuned.pt")
+    assert blob["config"]["train"]["nproc"] == 2
+    assert blob["metrics"]["processes"] == 2
+
+    compress = run_module(prepared, "pipeline.compress")
+    assert compress.returncode == 0, compress.stderr
+    record = json.loads((prepared / "reports" / "compress.json").read_text())
+    assert record["finetune_processes"] == 2
+    assert compress.stderr.count("variant ") == 1  # rank 0 alone prints the table
+    client = MlflowClient(tracking_uri=f"sqlite:///{prepared / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("tests")
+    (run,) = client.search_runs([experiment.experiment_id], "tags.stage = 'compress'")
+    assert run.info.status == "FINISHED"
+    tuned = [a for a in record["attempts"] if a["ratio"] > 0 and a["same_widths_as"] is None]
+    epochs = TINY_PARAMS["compress"]["finetune_epochs"] * len(tuned)
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "finetune_train_loss")]
+    assert sorted(steps) == list(range(1, epochs + 1))

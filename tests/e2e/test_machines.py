@@ -53,6 +53,11 @@ def _machines(tmp_path, count: int, storage: str, experiment: str, **search) -> 
     return machines
 
 
+def _machine_id(machine) -> str:
+    """`pipeline.study.machine_id()` of a copy of the project on this host."""
+    return f"{os.uname().nodename}:{machine.resolve()}"
+
+
 def _worker(machine, uri: str) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "pipeline.search_worker", "--wait-s", "240"],
@@ -125,13 +130,11 @@ def test_three_machines_share_one_study_and_one_search_run(servers, tmp_path):
     assert len({tuple(sorted(t.params.items())) for t in real}) == n, "a param set ran twice"
     from_params_yaml = [t for t in real if t.user_attrs.get("source") == "params.yaml"]
     assert len(from_params_yaml) == 1
-    # the stage's own trials carry no `machine` attribute; each worker's carry its copy's
+    # every trial names the machine that ran it: its copy of the project on this host
     by_machine = {}
     for t in sorted(real, key=lambda t: t.number):
         by_machine.setdefault(t.user_attrs.get("machine"), []).append(t)
-    assert set(by_machine) == {None} | {
-        f"{os.uname().nodename}:{m.resolve()}" for m in machines[1:]
-    }, "every machine ran trials"
+    assert set(by_machine) == {_machine_id(m) for m in machines}, "every machine ran trials"
     first_draws = [
         next(t.params for t in ts if t.user_attrs.get("source") != "params.yaml")
         for ts in by_machine.values()
@@ -172,15 +175,18 @@ def test_a_machine_killed_mid_trial_is_retried_by_another_and_its_run_fails(serv
         stderr=subprocess.PIPE,
         text=True,
     )
-    killed = None
+    killed, study, rdb = None, None, None
     deadline = time.time() + 240
     while killed is None and time.time() < deadline and worker.poll() is None:
-        try:
-            trials = _study(storage).get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        try:  # one storage for every poll: a new one per poll held a connection each, and
+            # PostgreSQL ran out of connection slots
+            study = study or _study(rdb := rdb or open_storage(storage))
+            trials = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
         except (ValueError, KeyError):  # no study yet
             trials = []
         for t in trials:
-            if t.user_attrs.get("machine") and len(t.intermediate_values) in range(1, 4):
+            on_second = t.user_attrs.get("machine") == _machine_id(second)
+            if on_second and len(t.intermediate_values) in range(1, 4):
                 os.kill(worker.pid, signal.SIGKILL)  # mid-trial: between two epochs
                 killed = t.number
                 break

@@ -155,6 +155,14 @@ def test_resolve_params_takes_the_tuned_training_and_this_runs_compress():
     assert resolved.compress.prune_ratio == 0.25 and resolved.tracking == here.tracking
 
 
+def test_resolve_params_takes_the_processes_from_this_run_not_the_checkpoint():
+    here = parse_params({"train": {"nproc": 2, "ddp_timeout_s": 60}})
+    tuned = parse_params({"train": {"lr": 0.2, "batch_size": 32, "nproc": 1}})
+    resolved = compress.resolve_params({"config": tuned.to_dict()}, here)
+    assert (resolved.train.nproc, resolved.train.ddp_timeout_s) == (2, 60)
+    assert (resolved.train.lr, resolved.train.batch_size) == (0.2, 32)
+
+
 @pytest.mark.parametrize(
     "config",
     [{"train": {"lr": -1}}, {"train": {"optimiser": "sgd"}}, {"model": {"name": "vit"}}],
@@ -230,7 +238,8 @@ def test_int8_is_qdq_quint8_per_channel_and_agrees_with_fp32(method, fp32_model,
     # the uint8 input and the float preprocessing in front of the first QDQ are kept
     assert proto.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8
     preprocessing = [n for n in proto.graph.node if n.name.startswith("preprocess/")]
-    assert [n.op_type for n in preprocessing] == ["Transpose", "Cast", "Div", "Sub", "Div"]
+    ops = ["Expand", "Expand", "Transpose", "Cast", "Div", "Sub", "Div"]  # mean / std expanded
+    assert [n.op_type for n in preprocessing] == ops
     dequantized = {n.output[0] for n in proto.graph.node if n.op_type == "DequantizeLinear"}
     assert not any(set(n.input) & dequantized for n in preprocessing)
 

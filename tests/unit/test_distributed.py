@@ -52,9 +52,24 @@ def test_params_refuse_a_batch_size_train_nproc_does_not_divide():
         parse_params({"train": {"batch_size": 64, "nproc": 3}})
     assert str(err.value).startswith("train.batch_size: got 64; expected a multiple of ")
     assert "train.nproc (3)" in str(err.value)
-    assert parse_params({"train": {"batch_size": 96, "nproc": 3}}).train.nproc == 3
+    space = {"space": {"batch_size": [48, 96]}}  # the search's choices too (next test)
+    assert (
+        parse_params({"train": {"batch_size": 96, "nproc": 3}, "search": space}).train.nproc == 3
+    )
     with pytest.raises(ConfigError, match=r"^train.ddp_timeout_s: got 0;"):
         parse_params({"train": {"ddp_timeout_s": 0}})
+
+
+def test_params_refuse_search_batch_sizes_the_retrain_cannot_split_over_train_nproc():
+    space = {"batch_size": [32, 48, 63]}
+    with pytest.raises(ConfigError) as err:
+        parse_params({"train": {"nproc": 2}, "search": {"space": space}})
+    assert str(err.value).startswith(
+        "search.space.batch_size: got [32, 48, 63]; with train.nproc 2"
+    )
+    assert "([63] is not)" in str(err.value)
+    assert parse_params({"search": {"space": space}}).train.nproc == 1  # one process: any batch
+    assert parse_params({"train": {"nproc": 2}, "search": {"space": {"batch_size": [32, 48]}}})
 
 
 def test_without_torchrun_there_is_one_process_and_no_group(monkeypatch):

@@ -1252,7 +1252,13 @@ def test_worker_threads_split_this_process_cpus(monkeypatch):
         search_study.os, "sched_getaffinity", lambda pid: set(range(8)), raising=False
     )
     monkeypatch.setattr(search_study.os, "cpu_count", lambda: 64)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     assert [search_study._worker_threads(w) for w in (1, 2, 3, 8, 9)] == [8, 4, 2, 1, 1]
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")  # the user's share (dvc queue start -j 4)
+    assert [search_study._worker_threads(w) for w in (1, 2, 3)] == [2, 1, 1]
+    monkeypatch.setenv("OMP_NUM_THREADS", "16")  # more than this process may use: the cpuset
+    assert search_study._worker_threads(1) == 8
+    monkeypatch.delenv("OMP_NUM_THREADS")
     monkeypatch.delattr(search_study.os, "sched_getaffinity", raising=False)
     assert search_study._worker_threads(4) == 16  # no affinity: every CPU
     monkeypatch.setattr(search_study.os, "cpu_count", lambda: None)
