@@ -13,7 +13,8 @@ STAGES = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["stages"]
 
 
 def _imports(module: str) -> set[str]:
-    """`pipeline.x` modules imported anywhere in pipeline/<module>.py (lazy imports too)."""
+    """`pipeline.x` modules imported anywhere in pipeline/<module>.py (lazy imports too), or
+    run by name from it (a string that is exactly `pipeline.x`)."""
     tree = ast.parse((REPO_ROOT / "pipeline" / f"{module}.py").read_text())
     found = set()
     for node in ast.walk(tree):
@@ -24,6 +25,9 @@ def _imports(module: str) -> set[str]:
                 found.add(node.module.split(".")[1])
         elif isinstance(node, ast.Import):
             found |= {a.name.split(".")[1] for a in node.names if a.name.startswith("pipeline.")}
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+            # a module the stage runs by name (`distributed.launch(n, "pipeline.train_job")`)
+            found |= set(re.findall(r"^pipeline\.(\w+)$", node.value))
     return {m for m in found if (REPO_ROOT / "pipeline" / f"{m}.py").exists()}
 
 
