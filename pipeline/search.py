@@ -253,7 +253,7 @@ def main(argv: list[str] | None = None) -> None:
         tracker.set_tags({"study_name": name})
         outcome = run(params, data, paths.BASELINE_CKPT, tracker.run_id)
         log_outcome(tracker, outcome, write_outputs(outcome, info))
-    snapshot_study(params.search.storage)
+    snapshot_study(params.search.storage, name)
     print(search_summary(outcome.metrics, outcome.best["params"]), file=sys.stderr)
 
 

@@ -5,7 +5,8 @@ trials as rows and a summary.
 `search.n_trials` finished trials with `search.workers` processes, each with its share of the
 CPU threads; `trial_rows` / `summarize` turn the study into `studies/trials.csv` rows and the
 search record's counts (trials complete / pruned / failed, epochs spent and saved);
-`snapshot_study` keeps DVC's `studies/optuna.db` output in a queued or `--temp` experiment.
+`snapshot_study` keeps DVC's `studies/optuna.db` output when the study lives elsewhere (a
+queued or `--temp` experiment's copy, a PostgreSQL server).
 The search stage (`pipeline.search`) and the benchmarks call these.
 """
 
@@ -15,6 +16,7 @@ import contextlib
 import multiprocessing
 import os
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -26,11 +28,13 @@ from pipeline import paths
 from pipeline.config import Params, parse_params
 from pipeline.data import DeviceData
 from pipeline.engine import fit
+from pipeline.files import atomic_path
 from pipeline.study import (
     enqueue_current_params,
     is_skipped,
     load_study,
     make_objective,
+    open_storage,
     reconcile_stale_runs,
     run_worker,
 )
@@ -191,26 +195,46 @@ def summarize(params: Params, study: optuna.Study, rows: list[dict]) -> dict:
     }
 
 
-def snapshot_study(url: str) -> Path | None:
-    """When a relative SQLite study lives in the project's own folder but this stage runs in a
-    copy (a queued or `--temp` DVC experiment), copy the study into the copy's file (SQLite's
-    online backup), so that DVC's `studies/optuna.db` output exists and holds what this
-    experiment saw; return that file. None when the study is already there, or not SQLite."""
+STUDY_FILE = paths.STUDIES_DIR / "optuna.db"  # the search stage's DVC output
+
+
+def snapshot_study(url: str, name: str | None = None) -> Path | None:
+    """Make DVC's `studies/optuna.db` output hold the study as this run left it, when the study
+    lives elsewhere; return that file, or None when the study is that file already.
+
+    - A relative SQLite study in the project's own folder while this stage runs in a copy (a
+      queued or `--temp` DVC experiment): the project's file, copied whole (SQLite's online
+      backup).
+    - Any other storage (PostgreSQL on several machines, an SQLite file elsewhere): study
+      `name` copied with `optuna.copy_study` into a new SQLite file (written aside, then
+      renamed: never half a file)."""
     import contextlib
     import sqlite3
 
     project_url = paths.storage_url(url)
-    if project_url == url:
+    if ":memory:" in url:  # gone with the process that ran it
         return None
-    local = Path(url.removeprefix("sqlite:///").split("?")[0])
-    project_file = Path(project_url.removeprefix("sqlite:///").split("?")[0])
-    if local.resolve() == project_file.resolve():
+    if project_url.startswith("sqlite:///"):
+        source = Path(project_url.removeprefix("sqlite:///").split("?")[0])
+        if source.resolve() == STUDY_FILE.resolve():
+            return None
+        if project_url != url:  # the project's own study file, seen from a DVC copy
+            STUDY_FILE.parent.mkdir(parents=True, exist_ok=True)
+            with (
+                atomic_path(STUDY_FILE) as tmp,
+                contextlib.closing(sqlite3.connect(source)) as origin,
+                contextlib.closing(sqlite3.connect(tmp)) as copy,
+            ):
+                origin.backup(copy)
+            return STUDY_FILE
+    if name is None:
         return None
-    local.parent.mkdir(parents=True, exist_ok=True)
-    local.unlink(missing_ok=True)
-    with (
-        contextlib.closing(sqlite3.connect(project_file)) as source,
-        contextlib.closing(sqlite3.connect(local)) as copy,
-    ):
-        source.backup(copy)
-    return local
+    STUDY_FILE.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(STUDY_FILE) as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.copy_study(
+            from_study_name=name,
+            from_storage=open_storage(project_url),
+            to_storage=f"sqlite:///{tmp}",
+        )
+    return STUDY_FILE

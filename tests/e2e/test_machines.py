@@ -2,8 +2,9 @@
 
 Each "machine" is its own copy of the project (its own folder and processes); they share
 nothing but the study's PostgreSQL URL (`search.storage`) and the tracking server's URI
-(`MLFLOW_TRACKING_URI`). Machine 1 runs the search stage (`python -m pipeline.search`, what
-`dvc repro` runs), the others `python -m pipeline.search_worker`. Skipped, with the reason,
+(`MLFLOW_TRACKING_URI`). Machine 1 runs the pipeline up to the search stage (`dvc repro
+search`; `python -m pipeline.search` in the kill test), the others `python -m
+pipeline.search_worker`. Skipped, with the reason,
 where PostgreSQL is not installed.
 """
 
@@ -112,11 +113,18 @@ def test_three_machines_share_one_study_and_one_search_run(servers, tmp_path):
     n = 9
     storage = pg.url("three_machines")
     machines = _machines(tmp_path, 3, storage, "machines", n_trials=n, epochs=2)
-    _prepare(machines[0], uri)
     workers = [_worker(m, uri) for m in machines[1:]]  # they wait for the stage's study
-    stage = run_module(machines[0], "pipeline.search", env={"MLFLOW_TRACKING_URI": uri})
+    # the first machine runs the pipeline as a user does: prepare, train, search
+    stage = subprocess.run(
+        ["dvc", "repro", "search"],
+        cwd=machines[0],
+        env=subprocess_env({"MLFLOW_TRACKING_URI": uri}),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     outputs = [w.communicate(timeout=300)[0] for w in workers]
-    assert stage.returncode == 0, stage.stderr
+    assert stage.returncode == 0, stage.stdout + stage.stderr
     for worker, output in zip(workers, outputs, strict=True):
         assert worker.returncode == 0, output
         assert "finished trial(s) ran on this machine" in output
@@ -158,6 +166,21 @@ def test_three_machines_share_one_study_and_one_search_run(servers, tmp_path):
     for machine in machines:
         assert not [p for p in ("mlruns", "mlartifacts", "mlflow.db") if (machine / p).exists()]
     assert not (machines[1] / "data" / "prepared").exists()  # workers write no file
+    # DVC's `studies/optuna.db` output: a snapshot of the PostgreSQL study as the stage left it
+    snapshot = optuna.load_study(
+        study_name=study.study_name, storage=f"sqlite:///{machines[0] / 'studies' / 'optuna.db'}"
+    )
+    assert [(t.number, t.state, t.value) for t in snapshot.trials] == [
+        (t.number, t.state, t.value) for t in study.trials
+    ]
+    status = subprocess.run(
+        ["dvc", "status", "search"],
+        cwd=machines[0],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+    )
+    assert "Data and pipelines are up to date" in status.stdout, status.stdout
 
 
 def test_a_machine_killed_mid_trial_is_retried_by_another_and_its_run_fails(servers, tmp_path):

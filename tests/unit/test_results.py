@@ -205,3 +205,35 @@ def test_a_study_in_the_project_is_copied_into_the_dvc_copy_for_its_output(tmp_p
         assert db.execute("select count(*) from trials").fetchone() == (3,)
     db.close()
     assert search_study.snapshot_study("postgresql://h/db") is None
+
+
+def test_a_study_stored_elsewhere_is_snapshotted_into_the_dvc_output(tmp_path, monkeypatch):
+    """PostgreSQL on several machines, or an SQLite file outside the project: DVC's
+    `studies/optuna.db` output is a copy of the study as the run left it (not a missing file),
+    replaced whole by the next run."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    url = f"sqlite:///{tmp_path / 'server' / 'optuna.db'}"
+    (tmp_path / "server").mkdir()
+    project = tmp_path / "project"
+    project.mkdir()
+    monkeypatch.chdir(project)
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    study = optuna.create_study(study_name="s", storage=url)
+    study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=3)
+    assert search_study.snapshot_study(url) is None  # no study name: nothing to copy
+
+    local = search_study.snapshot_study(url, "s")
+    assert local == paths.Path("studies/optuna.db")
+    copy = optuna.load_study(study_name="s", storage="sqlite:///studies/optuna.db")
+    assert [t.params for t in copy.trials] == [t.params for t in study.trials]
+    assert [t.value for t in copy.trials] == [t.value for t in study.trials]
+
+    study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=2)  # the next run
+    search_study.snapshot_study(url, "s")
+    copy = optuna.load_study(study_name="s", storage="sqlite:///studies/optuna.db")
+    assert len(copy.trials) == 5  # replaced, not a second study appended
+    assert optuna.get_all_study_names("sqlite:///studies/optuna.db") == ["s"]
+    assert [p.name for p in (project / "studies").iterdir()] == ["optuna.db"]  # no temp left
+
+    # the default: the study is the output file itself
+    assert search_study.snapshot_study("sqlite:///studies/optuna.db", "s") is None
