@@ -37,7 +37,7 @@ repro: $(STAMP)
 
 # Every tier (unit, integration, e2e; gpu tests skip without a GPU), after the lint.
 test: lint
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest --durations=15  # the 15 slowest tests, to keep the suite short
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow"
