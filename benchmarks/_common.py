@@ -41,6 +41,39 @@ def synthetic_prepared(
     return Prepared(splits, info)
 
 
+def cifar_shaped_digits(train_images: int | None = None, scale: int = 4) -> Prepared:
+    """The offline digits task, CIFAR-shaped: each 8x8 grey image upscaled `scale` times
+    (bilinear, 32x32 by default) and repeated to 3 channels; the same splits as the pipeline's
+    `digits` (seed 0: 270 val, 360 test images). With `train_images`, a stratified subset of
+    the training split (150: the harder offline task of `search_efficiency.py`)."""
+    from pipeline.config import parse_params
+    from pipeline.data import prepare
+
+    digits = prepare(parse_params({}).data, seed=0)
+    splits = {}
+    for split, (images, labels) in digits.splits.items():
+        if split == "train" and train_images:
+            per_class = train_images // len(digits.info["classes"])
+            keep = torch.cat(
+                [torch.nonzero(labels == c)[:per_class, 0] for c in labels.unique().tolist()]
+            )
+            images, labels = images[keep], labels[keep]
+        big = torch.nn.functional.interpolate(
+            images.float(), scale_factor=scale, mode="bilinear", align_corners=False
+        )
+        splits[split] = (big.round().clamp(0, 255).to(torch.uint8).repeat(1, 3, 1, 1), labels)
+    x = splits["train"][0].double() / 255
+    size = 8 * scale
+    info = digits.info | {
+        "name": f"digits-{size}x{size}-rgb",
+        "shape": [3, size, size],
+        "mean": x.mean(dim=(0, 2, 3)).tolist(),
+        "std": x.std(dim=(0, 2, 3)).tolist(),
+        "counts": {s: len(y) for s, (_, y) in splits.items()},
+    }
+    return Prepared(splits, info)
+
+
 def timed(fn, repeats: int, warmup: int = 2, sync=None) -> list[float]:
     """Seconds per call of `fn` over `repeats` calls after `warmup` calls."""
     for _ in range(warmup):

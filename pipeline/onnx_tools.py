@@ -19,7 +19,8 @@
 - `quantize_int8(fp32, out, calibration_images, method)`: ONNX Runtime static QDQ int8
   (per-channel weights, QUInt8 activations, float32 biases: OpenCV's DNN module cannot run
   int32 ones) after `quant_pre_process`; calibrated on uint8
-  pixels, the preprocessing nodes stay float.
+  pixels, the preprocessing nodes stay float, their mean / std broadcast to a whole image
+  (`expand_preprocessing_constants`: 1.4x -> 1.9x fp32 throughput on the CIFAR-size `cnn`).
 - `convert_fp16(fp32, out)`: fp16 weights and compute (the preprocessing too), uint8 input and
   float32 logits kept.
 """
@@ -165,6 +166,44 @@ def add_preprocessing(
     return proto
 
 
+def expand_preprocessing_constants(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Broadcast the preprocessing's per-channel mean / std to a whole image; returns `proto`.
+
+    An `Expand` to 1 x C x H x W (ONNX Runtime folds it when it loads the model, so the file
+    stays as small) feeds the `preprocess/` Sub and Div; the arithmetic is unchanged, so the
+    logits are bit for bit the same. Why: in an int8 graph ONNX Runtime's layout transformer
+    runs the convolutions in NHWC and moves the input Transpose behind the normalisation, whose
+    1 x C x 1 x 1 operands then broadcast over an innermost axis of C elements; ORT's binary
+    kernels run that 15-20x slower (Sub and Div took 0.53 ms each of an int8 `cnn`'s 4.1 ms per
+    batch of 64 3x32x32 images). An image-sized operand broadcasts over the batch only.
+    A graph without `add_preprocessing`'s nodes or without fixed H and W is left as it is.
+    """
+    graph, p = proto.graph, PREPROCESS_PREFIX
+    dims = graph.input[0].type.tensor_type.shape.dim
+    constants = {i.name for i in graph.initializer}
+    if len(dims) != 4 or not {f"{p}mean", f"{p}std"} <= constants:
+        return proto
+    _, height, width, channels = dims
+    sizes = [d.dim_value for d in (channels, height, width)]
+    if not all(sizes):
+        return proto
+    shape_name = f"{p}image_shape"
+    image_shape = np.array([1, *sizes], np.int64)
+    graph.initializer.append(onnx.numpy_helper.from_array(image_shape, shape_name))
+    expands = []
+    for name in (f"{p}mean", f"{p}std"):
+        expand = onnx.helper.make_node(
+            "Expand", [name, shape_name], [f"{name}_image"], f"{name}_image"
+        )
+        expands.append(expand)
+        for node in graph.node:
+            if node.name.startswith(p):
+                node.input[:] = [f"{name}_image" if i == name else i for i in node.input]
+    for node in reversed(expands):
+        graph.node.insert(0, node)
+    return proto
+
+
 def preprocessing_nodes(proto: onnx.ModelProto) -> list[str]:
     """Names of the nodes `add_preprocessing` put in front (kept float32 by int8 / fp16)."""
     return [node.name for node in proto.graph.node if node.name.startswith(PREPROCESS_PREFIX)]
@@ -235,14 +274,18 @@ def file_size(path: str | Path) -> int:
 class _CalibrationReader:
     """Feeds calibration batches to ONNX Runtime's calibrator (its CalibrationDataReader API).
 
-    `images` are the model's input: uint8 NHWC pixels (`pixels_nhwc`)."""
+    `images` are the model's input: uint8 NHWC pixels (`pixels_nhwc`). Batches of equal size,
+    at most `batch_size` (fewer images left out than there are batches): ORT's histogram
+    calibrators (entropy, percentile) fail on a shorter last batch ("inhomogeneous shape")."""
 
     def __init__(self, images: np.ndarray, batch_size: int):
         if images.dtype != np.uint8:
             raise ValueError(f"calibration images must be uint8 pixels; got {images.dtype}")
+        count = -(-len(images) // batch_size)
+        size = len(images) // count
         self._batches = [
-            {INPUT_NAME: np.ascontiguousarray(images[i : i + batch_size])}
-            for i in range(0, len(images), batch_size)
+            {INPUT_NAME: np.ascontiguousarray(images[i * size : (i + 1) * size])}
+            for i in range(count)
         ]
         self.rewind()
 
@@ -273,8 +316,10 @@ def quantize_int8(
     Per-channel QInt8 weights, QUInt8 activations (signed activations ran 2-3x slower than fp32
     on our x86 CPUs), float32 biases (so that OpenCV's DNN module runs it), ranges calibrated
     on `calibration_images` (uint8 NHWC pixels) with `method` (minmax | entropy |
-    percentile), after ORT's `quant_pre_process` (shape inference and graph optimisation).
-    `metadata_props` are carried over from the fp32 model, updated with `metadata`.
+    percentile), after ORT's `quant_pre_process` (shape inference and graph optimisation);
+    the float preprocessing's mean / std then broadcast to a whole image
+    (`expand_preprocessing_constants`). `metadata_props` are carried over from the fp32
+    model, updated with `metadata`.
     """
     from onnxruntime.quantization import (
         CalibrationMethod,
@@ -315,7 +360,7 @@ def quantize_int8(
             extra_options={"QuantizeBias": False},
         )
         proto = _copy_metadata(fp32_path, onnx.load(str(quantized)), metadata)
-    save_model(proto, path)
+    save_model(expand_preprocessing_constants(proto), path)
     return proto
 
 
