@@ -93,3 +93,75 @@ def linear_classifier(
     onnx.checker.check_model(model, full_check=True)
     onnx_tools.save_model(model, path)
     return path
+
+
+def conv_net(
+    path: Path,
+    input_shape=(1, 8, 8),
+    widths: tuple[int, ...] = (16,),
+    mean=None,
+    std=None,
+    *,
+    metadata: dict | None = None,
+    seed: int = 0,
+    classes: int = 10,
+) -> Path:
+    """Write a random conv net taking uint8 NHWC pixels (`add_preprocessing` in front) to
+    `path`: per width a Conv-Relu, a 2x2 MaxPool between two of them, then
+    GlobalAveragePool-Flatten-Gemm to `classes` logits; opset 21. Weights drawn in layer order
+    from `seed`. H and W of `input_shape` may be names (a dynamic image size)."""
+    rng = np.random.default_rng(seed)
+    channels = input_shape[0]
+    mean = [0.5] * channels if mean is None else mean
+    std = [0.25] * channels if std is None else std
+    make, nodes, initializers, previous, fan_in = (
+        helper.make_node,
+        [],
+        [],
+        onnx_tools.INPUT_NAME,
+        channels,
+    )
+
+    def weight(name, *shape):
+        values = (rng.standard_normal(shape) * 0.5).astype(np.float32)
+        initializers.append(numpy_helper.from_array(values, name))
+
+    for i, width in enumerate(widths, start=1):
+        weight(f"w{i}", width, fan_in, 3, 3)
+        weight(f"b{i}", width)
+        nodes += [
+            make("Conv", [previous, f"w{i}", f"b{i}"], [f"c{i}"], pads=[1, 1, 1, 1]),
+            make("Relu", [f"c{i}"], [f"r{i}"]),
+        ]
+        previous, fan_in = f"r{i}", width
+        if i < len(widths):
+            nodes.append(
+                make("MaxPool", [previous], [f"p{i}"], kernel_shape=[2, 2], strides=[2, 2])
+            )
+            previous = f"p{i}"
+    last = len(widths) + 1
+    weight(f"w{last}", classes, fan_in)
+    weight(f"b{last}", classes)
+    nodes += [
+        make("GlobalAveragePool", [previous], ["pooled"]),
+        make("Flatten", ["pooled"], ["flat"], axis=1),
+        make("Gemm", ["flat", f"w{last}", f"b{last}"], [onnx_tools.OUTPUT_NAME], transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "cnn",
+        [
+            helper.make_tensor_value_info(
+                onnx_tools.INPUT_NAME, TensorProto.FLOAT, ["n", *input_shape]
+            )
+        ],
+        [helper.make_tensor_value_info(onnx_tools.OUTPUT_NAME, TensorProto.FLOAT, ["n", classes])],
+        initializer=initializers,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    onnx_tools.add_preprocessing(model, mean, std)
+    if metadata is not None:
+        onnx_tools.write_metadata(model, metadata)
+    onnx_tools.save_model(model, path)
+    return path

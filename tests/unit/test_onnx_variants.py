@@ -14,46 +14,16 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from onnx import TensorProto, helper, numpy_helper
 
 from pipeline import onnx_tools
-from tests.tiny_onnx import linear_classifier
+from tests.tiny_onnx import conv_net, linear_classifier
 
 MEAN, STD = [0.4, 0.5, 0.6], [0.2, 0.25, 0.3]
 
 
 def _rgb_cnn(path, height=8, width=8):
     """A random conv net (3 x height x width in, 10 logits) taking uint8 NHWC pixels."""
-    rng = np.random.default_rng(0)
-
-    def weight(name, *shape):
-        return numpy_helper.from_array((rng.standard_normal(shape) * 0.5).astype(np.float32), name)
-
-    make = helper.make_node
-    nodes = [
-        make("Conv", [onnx_tools.INPUT_NAME, "w1", "b1"], ["c1"], pads=[1, 1, 1, 1]),
-        make("Relu", ["c1"], ["r1"]),
-        make("GlobalAveragePool", ["r1"], ["pooled"]),
-        make("Flatten", ["pooled"], ["flat"], axis=1),
-        make("Gemm", ["flat", "w2", "b2"], [onnx_tools.OUTPUT_NAME], transB=1),
-    ]
-    shapes = {"w1": (16, 3, 3, 3), "b1": (16,), "w2": (10, 16), "b2": (10,)}
-    graph = helper.make_graph(
-        nodes,
-        "cnn",
-        [
-            helper.make_tensor_value_info(
-                onnx_tools.INPUT_NAME, TensorProto.FLOAT, ["n", 3, height, width]
-            )
-        ],
-        [helper.make_tensor_value_info(onnx_tools.OUTPUT_NAME, TensorProto.FLOAT, ["n", 10])],
-        initializer=[weight(name, *shape) for name, shape in shapes.items()],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
-    model.ir_version = 10
-    onnx_tools.add_preprocessing(model, MEAN, STD)
-    onnx_tools.save_model(model, path)
-    return path
+    return conv_net(path, (3, height, width), (16,), MEAN, STD)
 
 
 def _pixels(n=40, height=8, width=8):

@@ -12,46 +12,18 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto
 
 from pipeline import onnx_tools, runtimes
-from tests.tiny_onnx import linear_classifier
+from tests.tiny_onnx import conv_net, linear_classifier
 
 MEAN, STD = [0.3], [0.4]
 
 
 def _cnn_fp32(path, seed: int = 0):
     """A random small CNN (8x8 grey in, 10 logits) taking uint8 NHWC pixels, opset 21."""
-    rng = np.random.default_rng(seed)
-
-    def weight(name, *shape):
-        return numpy_helper.from_array((rng.standard_normal(shape) * 0.5).astype(np.float32), name)
-
-    make = helper.make_node
-    nodes = [
-        make("Conv", [onnx_tools.INPUT_NAME, "w1", "b1"], ["c1"], pads=[1, 1, 1, 1]),
-        make("Relu", ["c1"], ["r1"]),
-        make("MaxPool", ["r1"], ["p1"], kernel_shape=[2, 2], strides=[2, 2]),
-        make("Conv", ["p1", "w2", "b2"], ["c2"], pads=[1, 1, 1, 1]),
-        make("Relu", ["c2"], ["r2"]),
-        make("GlobalAveragePool", ["r2"], ["pooled"]),
-        make("Flatten", ["pooled"], ["flat"], axis=1),
-        make("Gemm", ["flat", "w3", "b3"], [onnx_tools.OUTPUT_NAME], transB=1),
-    ]
-    shapes = {"w1": (4, 1, 3, 3), "b1": (4,), "w2": (8, 4, 3, 3), "b2": (8,), "w3": (10, 8)}
-    graph = helper.make_graph(
-        nodes,
-        "cnn",
-        [helper.make_tensor_value_info(onnx_tools.INPUT_NAME, TensorProto.FLOAT, ["n", 1, 8, 8])],
-        [helper.make_tensor_value_info(onnx_tools.OUTPUT_NAME, TensorProto.FLOAT, ["n", 10])],
-        initializer=[weight(name, *shape) for name, shape in (shapes | {"b3": (10,)}).items()],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
-    model.ir_version = 10
-    onnx_tools.add_preprocessing(model, MEAN, STD)
-    onnx_tools.write_metadata(model, {"mean": MEAN, "std": STD, "input_layout": "NHWC"})
-    onnx_tools.save_model(model, path)
-    return path
+    metadata = {"mean": MEAN, "std": STD, "input_layout": "NHWC"}
+    return conv_net(path, (1, 8, 8), (4, 8), MEAN, STD, metadata=metadata, seed=seed)
 
 
 @pytest.fixture(scope="module")
