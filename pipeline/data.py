@@ -22,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.model_selection import train_test_split
 
 from pipeline import paths
 from pipeline.config import DataConfig
@@ -210,6 +209,8 @@ def load_raw(cfg: DataConfig) -> RawDataset:
 
 def stratified_split(labels: np.ndarray, fractions: dict[str, float], seed: int):
     """Indices per split; `fractions` maps split names (except 'train') to fractions."""
+    from sklearn.model_selection import train_test_split  # 1.4 s of import: only where used
+
     idx = np.arange(len(labels))
     out, rest = {}, idx
     remaining = 1.0

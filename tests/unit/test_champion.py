@@ -3,6 +3,8 @@ the registry through a real MLflow store (sqlite in a tmp folder)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import mlflow
 import onnx
 import pytest
@@ -163,3 +165,17 @@ def test_a_null_tracker_makes_update_champion_do_nothing():
         True,
         "no champion yet",
     )
+
+
+@pytest.mark.slow  # MLflow's inference starts a Python subprocess (about 2 s)
+def test_logged_onnx_models_pin_what_mlflow_would_infer(registry_run):
+    """`log_onnx_model` names its requirements instead of letting MLflow infer them (a
+    subprocess per model); they are the same pins the inference finds."""
+    tracker, _, tmp_path = registry_run
+    proto = onnx.load(str(linear_classifier(tmp_path / "m.onnx")))
+    uri = tracker.log_onnx_model(proto, "model_a")
+    ours = mlflow.pyfunc.get_model_dependencies(uri)  # the logged model's requirements.txt
+    mlflow.onnx.save_model(proto, tmp_path / "inferred")  # MLflow infers the requirements
+    inferred = (tmp_path / "inferred" / "requirements.txt").read_text().split()
+    assert sorted(Path(ours).read_text().split()) == sorted(inferred)
+    assert any(r.startswith("onnx==") for r in inferred)
