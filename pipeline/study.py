@@ -23,8 +23,9 @@
   Hyperband, Optuna gives the sampler only the current bracket's trials and most trials are
   random start-up draws), `hyperband`, `median`, `none`.
 - Each trial is an MLflow run nested under the search run (`pipeline.tracking.ChildRun`) with
-  params, per-epoch `train_loss` / `val_accuracy`, and a `state` tag; a pruned trial's run ends
-  KILLED, a failed one FAILED, so the MLflow UI never shows them as successes.
+  params, per-epoch `train_loss` / `val_accuracy` (written in batches by `ChildRun`), and a
+  `state` tag; a pruned trial's run ends KILLED, a failed one FAILED, so the MLflow UI never
+  shows them as successes. The pruner is asked only after epochs where it can stop a trial.
 """
 
 from __future__ import annotations
@@ -196,6 +197,22 @@ def make_pruner(params: Params) -> optuna.pruners.BasePruner:
     return optuna.pruners.NopPruner()
 
 
+def pruner_decides_at(params: Params) -> Callable[[int], bool]:
+    """Whether `make_pruner(params)` can stop a trial after `epoch`: successive halving and
+    Hyperband decide only at their rungs (min_epochs x reduction_factor^k), the median pruner
+    after every epoch, `none` never. Asking elsewhere is a storage read for nothing."""
+    s = params.search
+    if s.pruner in ("successive_halving", "hyperband"):
+        rungs, epoch = set(), s.min_epochs
+        while epoch <= s.epochs:
+            rungs.add(epoch)
+            epoch *= s.reduction_factor
+        return rungs.__contains__
+    if s.pruner == "median":
+        return lambda epoch: True
+    return lambda epoch: False
+
+
 def load_study(params: Params, name: str, worker: int = 0) -> optuna.Study:
     """Create or resume study `name`. The sampler's seed depends on the worker and on how many
     trials the study already holds, so workers and resumed runs do not repeat each other."""
@@ -302,6 +319,7 @@ def make_objective(
     """The objective: one training run of the shared engine per trial (via `train_fn(trial
     params, on_epoch)`); val accuracy, and in a Pareto study also the architecture's cost."""
     pareto = params.search.cost is not None
+    prunes_at = pruner_decides_at(params)
 
     def objective(trial: optuna.Trial) -> float | tuple[float, float]:
         if _is_surplus(trial, params.search.n_trials):
@@ -357,7 +375,7 @@ def make_objective(
                     )
                 return
             trial.report(metrics["val_accuracy"], epoch)
-            if trial.should_prune():
+            if prunes_at(epoch) and trial.should_prune():
                 raise optuna.TrialPruned(f"pruned at epoch {epoch}")
 
         state, status, reason = "FAIL", "FAILED", ""

@@ -381,10 +381,18 @@ class ChildRun:
     """A run nested under `parent_run_id`, written through MlflowClient (process-safe: no
     fluent active-run stack, so worker processes can add trials under one search run)."""
 
+    # metrics are written together, at most this often and when the run finishes (one write
+    # per epoch cost about as much as a short epoch's training)
+    FLUSH_S = 5.0
+
     def __init__(self, params: Params, parent_run_id: str, run_name: str, tags: dict):
+        import time
+
         from mlflow.tracking import MlflowClient
         from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
+        self._pending: list = []  # metrics not written yet
+        self._flushed = time.monotonic()
         self._client = MlflowClient(tracking_uri=tracking_uri(params))
         parent = self._client.get_run(parent_run_id)
         all_tags = {MLFLOW_PARENT_RUN_ID: parent_run_id, **{k: str(v) for k, v in tags.items()}}
@@ -397,18 +405,31 @@ class ChildRun:
         self._client.log_batch(self.run_id, params=[Param(k, str(v)) for k, v in params.items()])
 
     def log_metrics(self, metrics: dict, step: int) -> None:
+        """Queue `metrics` at `step` (timestamped now); written with the queued ones when
+        `FLUSH_S` has passed since the last write, and by `flush` / `finish`."""
         import time
 
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
-        self._client.log_batch(self.run_id, metrics=batch)
+        self._pending += [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        if time.monotonic() - self._flushed >= self.FLUSH_S:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the queued metrics, 1000 per write (MLflow's batch limit)."""
+        import time
+
+        pending, self._pending = self._pending, []
+        for start in range(0, len(pending), 1000):
+            self._client.log_batch(self.run_id, metrics=pending[start : start + 1000])
+        self._flushed = time.monotonic()
 
     def finish(self, status: str, tags: dict) -> None:
-        """status: FINISHED | FAILED | KILLED (MLflow's run states)."""
+        """status: FINISHED | FAILED | KILLED (MLflow's run states); queued metrics first."""
         from mlflow.entities import RunTag
 
+        self.flush()
         self._client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
         self._client.set_terminated(self.run_id, status=status)
 

@@ -3,10 +3,11 @@ import dataclasses
 import pytest
 import torch
 
+from pipeline import engine
 from pipeline.checkpoint import arch_spec, build_model, load_checkpoint, save_checkpoint
 from pipeline.config import parse_params
 from pipeline.data import DeviceData, prepare
-from pipeline.engine import augment_batch, fit, predict_logits, resolve_device
+from pipeline.engine import augment_batch, fit, make_optimizer, predict_logits, resolve_device
 
 
 @pytest.fixture(scope="module")
@@ -167,3 +168,51 @@ def test_augment_keeps_the_layout_it_is_given_and_the_same_values(mode):
     assert a.is_contiguous() and not a.is_contiguous(memory_format=torch.channels_last)
     assert b.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(a, b)
+
+
+def _conv_dtypes(model, data, cfg):
+    """(training forward dtypes, evaluation forward dtypes) of the first conv during `fit`."""
+    seen = []
+    conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    hook = conv.register_forward_hook(lambda m, i, out: seen.append((m.training, out.dtype)))
+    result = fit(model, data, cfg, seed=0, progress=False)
+    hook.remove()
+    assert result.status == "ok"
+    return {d for training, d in seen if training}, {d for training, d in seen if not training}
+
+
+def test_amp_cpu_trains_in_bf16_and_evaluates_in_fp32(digits, tiny_params, monkeypatch):
+    # bf16 autocast runs on any CPU (emulated without AVX512-BF16), so this runs everywhere
+    monkeypatch.setattr(engine, "cpu_has_bf16", lambda: True)
+    params, data, model = _setup(digits, tiny_params)
+    cfg = dataclasses.replace(params.train, epochs=1)
+    assert _conv_dtypes(model, data, cfg) == ({torch.float32}, {torch.float32})
+    params, data, model = _setup(digits, tiny_params)
+    amp = dataclasses.replace(cfg, amp_cpu=True)
+    assert _conv_dtypes(model, data, amp) == ({torch.bfloat16}, {torch.float32})
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # fp32 master weights
+
+
+def test_amp_cpu_without_native_bf16_warns_and_trains_in_fp32(digits, tiny_params, monkeypatch):
+    monkeypatch.setattr(engine, "cpu_has_bf16", lambda: False)
+    params, data, model = _setup(digits, tiny_params)
+    cfg = dataclasses.replace(params.train, epochs=1, amp_cpu=True)
+    with pytest.warns(UserWarning, match=r"^train\.amp_cpu: this CPU has no native bf16"):
+        assert _conv_dtypes(model, data, cfg)[0] == {torch.float32}
+
+
+def test_amp_cpu_is_part_of_the_study_recipe_only_when_on(tiny_params):
+    from pipeline.study import study_name
+
+    params = parse_params(tiny_params)
+    amp = dataclasses.replace(params, train=dataclasses.replace(params.train, amp_cpu=True))
+    assert study_name(amp, "sha") != study_name(params, "sha")  # bf16 changes the results
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam", "adamw"])
+def test_optimizers_update_with_multi_tensor_kernels(name):
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    cfg = dataclasses.replace(parse_params({}).train, optimizer=name)
+    optimizer = make_optimizer(model, cfg)
+    assert optimizer.defaults["foreach"] is True  # PyTorch's CPU default: one tensor at a time
+    assert len(optimizer.param_groups[0]["params"]) == 4
