@@ -12,7 +12,7 @@ any order: it waits up to --wait-s seconds for the study (and its search run) to
 trials with `search.workers` processes until the study holds `search.n_trials` finished trials
 (or `search.timeout_s` passes), then exits; the first machine's stage retrains the best trial.
 Each machine draws its own start-up trials (`PIPELINE_MACHINE_ID`, else the host name and the
-project's folder, seeds its samplers). A machine that dies mid-trial: after the heartbeat's
+project's folder, seeds its samplers; the stage's seed has no folder in it). A machine that dies mid-trial: after the heartbeat's
 grace period another machine fails its trial, re-runs it with the same params, and its MLflow
 run ends FAILED.
 
@@ -117,7 +117,7 @@ def work(
     """One worker process of this machine: its sampler seed, its trials, until n_trials."""
     torch.set_num_threads(_worker_threads(params.search.workers))
     data = data or worker_data(params, index)
-    study = load_study(params, name, worker=index)
+    study = load_study(params, name, worker=index, joining=True)
     if index == 0:  # once per machine; a second copy in the study ends as `duplicate`
         enqueue_current_params(study, params)
     objective = make_objective(params, data, parent_run_id, _trial_trainer(params, data), index)

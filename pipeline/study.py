@@ -135,18 +135,27 @@ def open_storage(url: str, attempts: int = 5):
 
 
 def machine_id() -> str:
-    """What tells machines apart in sampler seeds: `PIPELINE_MACHINE_ID` when set, else the
-    host name and the project's folder (two working copies on one host are two machines; one
-    copy re-run draws the same trials)."""
+    """Which machine this is: `PIPELINE_MACHINE_ID` when set, else the host name and the
+    project's folder (two working copies on one host are two machines). Recorded on every trial
+    (`machine`), and a `search-worker`'s sampler identity (`sampler_host`)."""
     env = os.environ.get("PIPELINE_MACHINE_ID")
     return env or f"{socket.gethostname()}:{paths.project_root()}"
 
 
-def sampler_seed(seed: int, worker: int, existing: int, host: str | None = None) -> int:
+def sampler_host(joining: bool = False) -> str:
+    """The machine identity in the sampler seed. The search stage's: `PIPELINE_MACHINE_ID`, or
+    nothing, so a search draws the same trials in any folder (a fresh clone, a DVC `--temp`
+    experiment); a machine joining the study (`search-worker`): `machine_id()`, so each draws
+    its own start-up trials, different from the stage's."""
+    if joining:
+        return machine_id()
+    return os.environ.get("PIPELINE_MACHINE_ID", "")
+
+
+def sampler_seed(seed: int, worker: int, existing: int, host: str = "") -> int:
     """A 32-bit sampler seed from everything that must give different draws (hashed, so no
     two (seed, worker) pairs collide the way `seed * 1000 + worker` did); `host`: the machine's
-    identity, `machine_id()` when None."""
-    host = machine_id() if host is None else host
+    identity in the seed (`sampler_host`)."""
     key = json.dumps([seed, host, worker, existing])
     return int(hashlib.sha256(key.encode()).hexdigest()[:8], 16)
 
@@ -157,7 +166,7 @@ def startup_trials(n_trials: int) -> int:
 
 
 def make_sampler(
-    params: Params, worker: int = 0, existing: int = 0, host: str | None = None
+    params: Params, worker: int = 0, existing: int = 0, host: str = ""
 ) -> optuna.samplers.BaseSampler:
     seed = sampler_seed(params.seed, worker, existing, host)
     s = params.search
@@ -213,9 +222,11 @@ def pruner_decides_at(params: Params) -> Callable[[int], bool]:
     return lambda epoch: False
 
 
-def load_study(params: Params, name: str, worker: int = 0) -> optuna.Study:
-    """Create or resume study `name`. The sampler's seed depends on the worker and on how many
-    trials the study already holds, so workers and resumed runs do not repeat each other."""
+def load_study(params: Params, name: str, worker: int = 0, joining: bool = False) -> optuna.Study:
+    """Create or resume study `name`. The sampler's seed depends on the worker, on how many
+    trials the study already holds and, for a machine `joining` the stage's study
+    (`search-worker`), on the machine (`sampler_host`), so workers, resumed runs and machines
+    do not repeat each other."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
         url = paths.storage_url(params.search.storage)  # the project's studies/, not a copy
@@ -234,7 +245,7 @@ def load_study(params: Params, name: str, worker: int = 0) -> optuna.Study:
             storage=storage,
             study_name=name,
             directions=["maximize"] if params.search.cost is None else ["maximize", "minimize"],
-            sampler=make_sampler(params, worker, existing),
+            sampler=make_sampler(params, worker, existing, sampler_host(joining)),
             pruner=make_pruner(params),
             load_if_exists=True,
         )

@@ -582,7 +582,9 @@ def test_make_storage_server_urls_get_the_heartbeat_without_sqlite_options(monke
     assert study.make_storage("redis://h") == ("plain", "redis://h")
 
 
-def test_sampler_seed_is_32_bits_and_defaults_to_this_machine(monkeypatch, tmp_path):
+def test_sampler_host_is_the_machine_for_joining_workers_and_folder_free_for_the_stage(
+    monkeypatch, tmp_path
+):
     monkeypatch.setattr(study.socket, "gethostname", lambda: "host-x")
     monkeypatch.delenv("PIPELINE_MACHINE_ID", raising=False)
     monkeypatch.delenv("DVC_ROOT", raising=False)
@@ -591,15 +593,21 @@ def test_sampler_seed_is_32_bits_and_defaults_to_this_machine(monkeypatch, tmp_p
     monkeypatch.chdir(tmp_path / "a")
     here = f"host-x:{tmp_path / 'a'}"
     assert study.machine_id() == here
-    assert study.sampler_seed(3, 1, 2) == study.sampler_seed(3, 1, 2, here)
+    assert study.sampler_host(joining=True) == here
+    assert study.sampler_host() == ""  # the stage: the same trials in any folder
     monkeypatch.chdir(tmp_path / "b")  # a second working copy on the same host: another machine
-    assert study.sampler_seed(3, 1, 2) == study.sampler_seed(3, 1, 2, f"host-x:{tmp_path / 'b'}")
-    assert study.sampler_seed(3, 1, 2) != study.sampler_seed(3, 1, 2, here)
+    assert study.sampler_host(joining=True) == f"host-x:{tmp_path / 'b'}"
+    assert study.sampler_host() == ""
     monkeypatch.setenv("DVC_ROOT", str(tmp_path / "a"))  # a DVC experiment's copy: the project's
-    assert study.sampler_seed(3, 1, 2) == study.sampler_seed(3, 1, 2, here)
+    assert study.sampler_host(joining=True) == here
     monkeypatch.setenv("PIPELINE_MACHINE_ID", "node-7")
     assert study.machine_id() == "node-7"
-    assert study.sampler_seed(3, 1, 2) == study.sampler_seed(3, 1, 2, "node-7")
+    assert study.sampler_host(joining=True) == study.sampler_host() == "node-7"
+
+
+def test_sampler_seed_is_32_bits_and_hashes_every_part():
+    assert study.sampler_seed(3, 1, 2) == study.sampler_seed(3, 1, 2, "")
+    assert study.sampler_seed(3, 1, 2) != study.sampler_seed(3, 1, 2, "node-7")
     assert study.sampler_seed(0, 0, 0, "a") == 4070366536  # sha256('[0, "a", 0, 0]')[:8], hex
     assert study.sampler_seed(0, 0, 1, "a") != study.sampler_seed(0, 0, 0, "a")
     seeds = [study.sampler_seed(s, 0, 0, "a") for s in range(200)]
@@ -667,7 +675,8 @@ def test_load_study_creates_then_resumes_with_a_trial_count_seed(tmp_path, tiny_
     assert optuna.logging.get_verbosity() == optuna.logging.WARNING
     assert first.direction == optuna.study.StudyDirection.MAXIMIZE
     assert type(first.pruner) is optuna.pruners.SuccessiveHalvingPruner  # not Optuna's default
-    host = study.machine_id()
+    host = study.sampler_host()  # the stage's: no folder in it
+    assert host == os.environ.get("PIPELINE_MACHINE_ID", "")
     expected = optuna.samplers.RandomSampler(seed=study.sampler_seed(0, 3, 0, host))
     assert _draws(first.sampler) == _draws(expected)
     first.add_trial(optuna.trial.create_trial(value=0.5))
@@ -679,6 +688,24 @@ def test_load_study_creates_then_resumes_with_a_trial_count_seed(tmp_path, tiny_
     worker_0 = study.load_study(params, "s")  # the main process: worker 0
     expected = optuna.samplers.RandomSampler(seed=study.sampler_seed(0, 0, 2, host))
     assert _draws(worker_0.sampler) == _draws(expected)
+    joined = study.load_study(params, "s", joining=True)  # a search-worker machine
+    expected = optuna.samplers.RandomSampler(seed=study.sampler_seed(0, 0, 2, study.machine_id()))
+    assert _draws(joined.sampler) == _draws(expected)
+
+
+def test_the_stage_draws_the_same_trials_in_any_folder(tmp_path, tiny_params, monkeypatch):
+    """A fresh clone elsewhere, or a DVC `--temp` experiment, searches like the workspace."""
+    monkeypatch.delenv("PIPELINE_MACHINE_ID", raising=False)
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    draws = {}
+    for folder in ("clone-a", "elsewhere/clone-b"):
+        (tmp_path / folder).mkdir(parents=True)
+        monkeypatch.chdir(tmp_path / folder)
+        params = _params(tmp_path / folder, tiny_params, sampler="random")
+        draws[folder] = _draws(study.load_study(params, "s").sampler)
+        joined = _draws(study.load_study(params, "s", joining=True).sampler)
+        assert joined != draws[folder]  # a worker machine draws its own
+    assert draws["clone-a"] == draws["elsewhere/clone-b"]
 
 
 def test_load_study_turns_a_storage_error_into_a_config_error(tmp_path, tiny_params, monkeypatch):
