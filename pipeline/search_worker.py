@@ -12,9 +12,9 @@ any order: it waits up to --wait-s seconds for the study (and its search run) to
 trials with `search.workers` processes until the study holds `search.n_trials` finished trials
 (or `search.timeout_s` passes), then exits; the first machine's stage retrains the best trial.
 Each machine draws its own start-up trials (`PIPELINE_MACHINE_ID`, else the host name and the
-project's folder, seeds its samplers; the stage's seed has no folder in it). A machine that dies mid-trial: after the heartbeat's
-grace period another machine fails its trial, re-runs it with the same params, and its MLflow
-run ends FAILED.
+project's folder, seeds its samplers; the stage's seed has no folder in it). A machine that
+dies mid-trial: after the heartbeat's grace period another machine fails its trial, re-runs it
+with the same params, and its MLflow run ends FAILED.
 
     pipeline search-worker [--wait-s SECONDS]     (or python -m pipeline.search_worker)
 """
