@@ -28,8 +28,8 @@ Decisions, all on the val split:
 2. A study whose best trial is not above chance level (the Wilson 95 % interval of its val
    accuracy reaches the majority-class share) fails the stage: nothing was learnt.
 3. The chosen trial is retrained exactly as it was scored (its params and architecture,
-   `search.epochs`, the same seed), so `tuned_val_accuracy` reproduces its val accuracy within
-   noise.
+   `search.epochs`, the same seed, the trials' torch thread count), so `tuned_val_accuracy`
+   reproduces its val accuracy within noise.
 4. Never ship worse than the user had: the retrained winner and the baseline are compared on
    the same val images (`pipeline.stats.paired_difference`); when the winner is worse beyond
    the noise (the 95 % interval of the difference lies below 0), `models/tuned.pt` is the
@@ -60,7 +60,14 @@ from pipeline.plots import save_figure, search_plots, write_csv
 from pipeline.reporting import search_summary
 from pipeline.results import write_results
 from pipeline.search_space import trial_params
-from pipeline.search_study import TRIAL_COLUMNS, run_study, snapshot_study, summarize, trial_rows
+from pipeline.search_study import (
+    TRIAL_COLUMNS,
+    run_study,
+    snapshot_study,
+    summarize,
+    trial_rows,
+    trial_threads,
+)
 from pipeline.stats import PairedDifference, accuracy_interval, chance_level, paired_difference
 from pipeline.study import load_study, study_name
 from pipeline.tracking import check_tracking, stage_run
@@ -172,7 +179,8 @@ def run(
     # exactly the trial's recipe: its params and architecture, search.epochs (its OneCycle
     # length), its seed
     recipe = trial_params(params, chosen.params)
-    retrained = train_recipe(recipe, data, "search", "retrain best")  # train.nproc processes
+    with trial_threads(params):  # the trials' thread count: the same float sums as its trial
+        retrained = train_recipe(recipe, data, "search", "retrain best")  # train.nproc ranks
     if retrained.fit.status != "ok":
         raise StageFailed(f"search: retraining the best params diverged: {retrained.fit.message}")
     winner = Shipped("search", retrained.model, retrained.arch, recipe, retrained.metrics)

@@ -85,6 +85,20 @@ def _worker_threads(workers: int) -> int:
 
 
 @contextlib.contextmanager
+def trial_threads(params: Params) -> Iterator[None]:
+    """Torch threads as every trial of this machine has them (`_worker_threads`) for the body,
+    then as before (later stages get every thread back). The search's retrain runs in it too:
+    a different thread count changes the float sums, and a retrain meant to reproduce its
+    trial's score then drifts (4 of 270 val images on a high learning rate, seen in CI)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(_worker_threads(params.search.workers))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@contextlib.contextmanager
 def extra_workers(
     target: Callable, params: Params, name: str, parent_run_id: str | None, deadline
 ) -> Iterator[None]:
@@ -131,8 +145,6 @@ def run_study(
     enqueue_current_params(study, params)
     reconcile_stale_runs(params, study)
     deadline = time.time() + s.timeout_s if s.timeout_s else None
-    threads = torch.get_num_threads()
-    torch.set_num_threads(_worker_threads(s.workers))
     bar = tqdm(
         total=s.n_trials, desc=f"search {name}", unit="trial", disable=None if progress else True
     )
@@ -141,12 +153,14 @@ def run_study(
         bar.update(min(c["finished"], s.n_trials) - bar.n)
 
     try:
-        with extra_workers(_worker_process, params, name, parent_run_id, deadline):
+        with (
+            trial_threads(params),
+            extra_workers(_worker_process, params, name, parent_run_id, deadline),
+        ):
             objective = make_objective(params, data, parent_run_id, _trial_trainer(params, data))
             run_worker(study, objective, s.n_trials, deadline, on_progress)
     finally:
         bar.close()
-        torch.set_num_threads(threads)  # the retrain and later stages get every thread back
     reconcile_stale_runs(params, study)
     return study
 

@@ -104,13 +104,17 @@ def _fit_one(world: int, rank: int = 0, port: int = 0, out: str = ""):
     if world > 1:
         env = {"RANK": rank, "LOCAL_RANK": rank, "WORLD_SIZE": world, "MASTER_PORT": port}
         os.environ.update({k: str(v) for k, v in env.items()}, MASTER_ADDR="127.0.0.1")
-    torch.set_num_threads(1)
-    params = parse_params({**EXACT, "train": EXACT_TRAIN})
-    data = DeviceData(prepare(params.data, seed=0), torch.device("cpu"))
-    with distributed.process_group(data.device, 60, "test"):
-        torch.manual_seed(0)
-        model = build_model(arch_spec(params, data.info))
-        result = fit(model, data, params.train, seed=0, progress=False)
+    threads = torch.get_num_threads()  # this runs in pytest's own process too (world 1):
+    torch.set_num_threads(1)  # a later test must not inherit one thread (its numerics change)
+    try:
+        params = parse_params({**EXACT, "train": EXACT_TRAIN})
+        data = DeviceData(prepare(params.data, seed=0), torch.device("cpu"))
+        with distributed.process_group(data.device, 60, "test"):
+            torch.manual_seed(0)
+            model = build_model(arch_spec(params, data.info))
+            result = fit(model, data, params.train, seed=0, progress=False)
+    finally:
+        torch.set_num_threads(threads)
     state = {"state": model.state_dict(), "history": result.history}
     if out and rank == 0:
         torch.save(state, out)

@@ -61,9 +61,22 @@ def _children(client, parent_run_id):
 
 
 @pytest.mark.integration
+@pytest.mark.parametrize("threads_before", [None, 1], ids=["default-threads", "one-thread"])
 def test_search_prunes_hopeless_trials_and_tracks_every_trial(
-    tmp_path, tiny_params, digits_prepared, baseline_ckpt
+    tmp_path, tiny_params, digits_prepared, baseline_ckpt, threads_before
 ):
+    # threads_before=1: the process had another thread count than the trials get (a leak of an
+    # earlier test did that in CI); the retrain must still run with the trials' count
+    threads = torch.get_num_threads()
+    if threads_before is not None:
+        torch.set_num_threads(threads_before)
+    try:
+        _search_prunes_hopeless_trials(tmp_path, tiny_params, digits_prepared, baseline_ckpt)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _search_prunes_hopeless_trials(tmp_path, tiny_params, digits_prepared, baseline_ckpt):
     # lr up to 20 is hopeless for SGD on digits: such trials must be pruned (or fail), not run
     params = _params(
         tmp_path,
