@@ -50,8 +50,8 @@ from torch import nn
 from pipeline import distributed, paths
 from pipeline.checkpoint import build_model, load_checkpoint, pruned_spec, save_checkpoint
 from pipeline.config import CompressConfig, Params, load_params, parse_params
-from pipeline.data import DeviceData, load_prepared
-from pipeline.engine import EpochCallback, correct_per_image, resolve_device
+from pipeline.data import DeviceData
+from pipeline.engine import EpochCallback, correct_per_image
 from pipeline.errors import ConfigError, DataError, stage_entry
 from pipeline.onnx_variants import Variant, export_fp32, export_variants, measure, score_test
 from pipeline.plots import compression_plot, write_csv
@@ -67,7 +67,7 @@ from pipeline.ratio_search import (
 from pipeline.reporting import compress_table, difference_metrics
 from pipeline.results import write_results
 from pipeline.tracking import NullRun, stage_run
-from pipeline.train import load_device_data
+from pipeline.train import load_device_data, relaunched
 from pipeline.variants import REFERENCE, VARIANTS
 
 PLOT_COLUMNS = "name val_accuracy test_accuracy size_bytes params macs accepted".split()
@@ -254,10 +254,7 @@ def main(argv: list[str] | None = None) -> None:
     params = load_params(paths.PARAMS)
     if not paths.TUNED_CKPT.is_file():
         raise DataError(f"{paths.TUNED_CKPT}: not found; run the search stage first (dvc repro)")
-    if params.train.nproc > 1 and not distributed.launched():  # the fine-tuning data-parallel
-        load_prepared(paths.PREPARED_DIR)  # a missing dataset: one error here, not one per rank
-        device = resolve_device(params.device)
-        distributed.launch(params.train.nproc, "pipeline.compress", "compress", device)
+    if relaunched(params, "compress"):  # the fine-tuning data-parallel, under torchrun
         return
     data = load_device_data(params, distributed.local_rank())
     main_rank = distributed.is_main()

@@ -222,7 +222,6 @@ def snapshot_study(url: str, name: str | None = None) -> Path | None:
     - Any other storage (PostgreSQL on several machines, an SQLite file elsewhere): study
       `name` copied with `optuna.copy_study` into a new SQLite file (written aside, then
       renamed: never half a file)."""
-    import contextlib
     import sqlite3
 
     project_url = paths.storage_url(url)
@@ -232,8 +231,7 @@ def snapshot_study(url: str, name: str | None = None) -> Path | None:
         source = Path(project_url.removeprefix("sqlite:///").split("?")[0])
         if source.resolve() == STUDY_FILE.resolve():
             return None
-        if project_url != url:  # the project's own study file, seen from a DVC copy
-            STUDY_FILE.parent.mkdir(parents=True, exist_ok=True)
+        if project_url != url:  # a relative file: the project's own, seen from a DVC copy
             with (
                 atomic_path(STUDY_FILE) as tmp,
                 contextlib.closing(sqlite3.connect(source)) as origin,
@@ -243,7 +241,6 @@ def snapshot_study(url: str, name: str | None = None) -> Path | None:
             return STUDY_FILE
     if name is None:
         return None
-    STUDY_FILE.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(STUDY_FILE) as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.copy_study(

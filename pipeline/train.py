@@ -112,6 +112,18 @@ def train_recipe(params: Params, data: DeviceData, stage: str, description: str)
     return TrainOutcome(model.to(data.device), blob["arch"], fit_result, record)
 
 
+def relaunched(params: Params, stage: str) -> bool:
+    """With `train.nproc` > 1 in a process torchrun did not start: run stage `stage`
+    (`pipeline.<stage>`) under torchrun in that many processes, wait, and return True (the
+    caller returns); False when this process is to do the stage's work itself."""
+    if params.train.nproc <= 1 or distributed.launched():
+        return False
+    load_prepared(paths.PREPARED_DIR)  # a missing dataset: one error here, not one per rank
+    device = resolve_device(params.device)
+    distributed.launch(params.train.nproc, f"pipeline.{stage}", stage, device)
+    return True
+
+
 def run(
     params: Params, data: DeviceData | None = None, on_epoch: EpochCallback | None = None
 ) -> TrainOutcome:
@@ -158,10 +170,7 @@ def _train_and_write(params: Params, data: DeviceData) -> TrainOutcome:
 @stage_entry
 def main(argv: list[str] | None = None) -> None:
     params = load_params(paths.PARAMS)
-    if params.train.nproc > 1 and not distributed.launched():
-        load_prepared(paths.PREPARED_DIR)  # a missing dataset: one error here, not one per rank
-        device = resolve_device(params.device)
-        distributed.launch(params.train.nproc, "pipeline.train", "train", device)
+    if relaunched(params, "train"):
         return
     data = load_device_data(params, distributed.local_rank())
     with distributed.process_group(data.device, params.train.ddp_timeout_s, "train"):
