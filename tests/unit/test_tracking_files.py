@@ -48,3 +48,42 @@ def test_atomic_writes_leave_no_temp_file_and_usual_permissions(tmp_path):
         pass
     assert target.read_text().strip() == '{\n  "a": 1\n}'.strip()
     assert [p.name for p in tmp_path.iterdir()] == ["out.json"]
+
+
+def test_a_new_sqlite_store_is_seeded_from_the_cached_empty_store(tmp_path, monkeypatch):
+    """A missing store is a copy of MLflow's empty schema (no migrations per project); MLflow's
+    Default experiment is made per project, not copied from the template; stores that exist
+    are never replaced."""
+    import sqlite3
+
+    import mlflow
+    from mlflow.store.db.utils import _get_latest_schema_revision
+
+    from pipeline.tracking import seed_sqlite_store
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    locations = {}
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        monkeypatch.chdir(tmp_path / name)
+        params = parse_params({"tracking": {"experiment": "e"}})  # the project's mlflow.db
+        with stage_run("train", params, "sha") as run:
+            run.log_params({"project": name})
+        client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / name / 'mlflow.db'}")
+        locations[name] = client.get_experiment("0").artifact_location
+        runs = client.search_runs([client.get_experiment_by_name("e").experiment_id])
+        assert [r.data.params["project"] for r in runs] == [name]
+    template = tmp_path / "cache" / "tune-compress" / f"mlflow-{mlflow.__version__}-empty.db"
+    with sqlite3.connect(template) as db:
+        assert db.execute("SELECT count(*) FROM experiments").fetchone() == (0,)
+        assert db.execute("SELECT version_num FROM alembic_version").fetchone() == (
+            _get_latest_schema_revision(),
+        )
+    for name, location in locations.items():
+        assert location.startswith(str(tmp_path / name)), location
+    # an existing store stays as it is
+    before = (tmp_path / "a" / "mlflow.db").read_bytes()
+    assert seed_sqlite_store(f"sqlite:///{tmp_path / 'a' / 'mlflow.db'}") is None
+    assert (tmp_path / "a" / "mlflow.db").read_bytes() == before
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["mlflow.db"]
