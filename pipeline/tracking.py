@@ -441,6 +441,7 @@ class ChildRun:
     # metrics are written together, at most this often and when the run finishes (one write
     # per epoch cost about as much as a short epoch's training)
     FLUSH_S = 5.0
+    _experiments: dict = {}  # (tracking URI, parent run id) -> the parent's experiment id
 
     def __init__(self, params: Params, parent_run_id: str, run_name: str, tags: dict):
         import time
@@ -451,9 +452,11 @@ class ChildRun:
         self._pending: list = []  # metrics not written yet
         self._flushed = time.monotonic()
         self._client = MlflowClient(tracking_uri=tracking_uri(params))
-        parent = self._client.get_run(parent_run_id)
+        key = (tracking_uri(params), parent_run_id)
+        if key not in ChildRun._experiments:  # the parent's experiment: read once per process
+            ChildRun._experiments[key] = self._client.get_run(parent_run_id).info.experiment_id
         all_tags = {MLFLOW_PARENT_RUN_ID: parent_run_id, **{k: str(v) for k, v in tags.items()}}
-        run = self._client.create_run(parent.info.experiment_id, tags=all_tags, run_name=run_name)
+        run = self._client.create_run(ChildRun._experiments[key], tags=all_tags, run_name=run_name)
         self.run_id = run.info.run_id
 
     def log_params(self, params: dict) -> None:
@@ -473,21 +476,25 @@ class ChildRun:
         if time.monotonic() - self._flushed >= self.FLUSH_S:
             self.flush()
 
-    def flush(self) -> None:
-        """Write the queued metrics, 1000 per write (MLflow's batch limit)."""
+    def flush(self, tags: tuple = ()) -> None:
+        """Write the queued metrics, 1000 per write (MLflow's batch limit), with `tags` (MLflow
+        RunTags) in the last write."""
         import time
 
         pending, self._pending = self._pending, []
-        for start in range(0, len(pending), 1000):
-            self._client.log_batch(self.run_id, metrics=pending[start : start + 1000])
+        batches = [pending[i : i + 1000] for i in range(0, len(pending), 1000)] or [[]]
+        for batch in batches[:-1]:
+            self._client.log_batch(self.run_id, metrics=batch)
+        if batches[-1] or tags:
+            self._client.log_batch(self.run_id, metrics=batches[-1], tags=list(tags))
         self._flushed = time.monotonic()
 
     def finish(self, status: str, tags: dict) -> None:
-        """status: FINISHED | FAILED | KILLED (MLflow's run states); queued metrics first."""
+        """status: FINISHED | FAILED | KILLED (MLflow's run states); queued metrics and `tags`
+        in one write, then the status."""
         from mlflow.entities import RunTag
 
-        self.flush()
-        self._client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        self.flush(tuple(RunTag(k, str(v)) for k, v in tags.items()))
         self._client.set_terminated(self.run_id, status=status)
 
 

@@ -68,7 +68,11 @@ def test_a_trials_metrics_are_written_in_batches_and_all_arrive(tmp_path, monkey
         assert [h.step for h in history] == list(range(1, 601))
         assert history[-1].value == pytest.approx(600 / 700)
         assert client.get_run(run.run_id).info.status == "FINISHED"
+        assert client.get_run(run.run_id).data.tags["state"] == "COMPLETE"  # with the metrics
         live = ChildRun(params, parent.run_id, "trial-001", {"state": "RUNNING"})
         live.FLUSH_S = 0.0  # a slow trial: each epoch's metrics are out before the next
         live.log_metrics({"val_accuracy": 0.5}, 1)
         assert [h.value for h in client.get_metric_history(live.run_id, "val_accuracy")] == [0.5]
+        live.finish("KILLED", {"state": "PRUNED"})  # nothing queued: the tags alone
+        assert client.get_run(live.run_id).data.tags["state"] == "PRUNED"
+        assert client.get_run(live.run_id).info.status == "KILLED"
