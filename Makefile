@@ -15,7 +15,7 @@ export PATH := $(BIN):$(PATH)
 # package (MOASHA imports nothing of its dependencies that .venv lacks; xgboost etc. not needed)
 SYNE_TUNE := syne-tune==0.16.0
 
-.PHONY: repro test test-fast lint format mutation clean setup bench-deps
+.PHONY: repro test test-fast lint format mutation clean setup bench-deps device-wheels
 
 setup: $(STAMP)
 
@@ -31,6 +31,14 @@ $(STAMP): pyproject.toml
 bench-deps: $(STAMP)
 	test -d $(VENV)/syne-tune || $(BIN)/python -m pip install --quiet --no-deps --target \
 		$(VENV)/syne-tune "$(SYNE_TUNE)"
+
+# Wheels the GPU machine lacks (it has no internet), into the git-ignored .whl/ that
+# benchmarks/gpu_check.sh installs: airbench for benchmarks/vs_airbench.py, a pure-Python sdist
+# built into a py3 wheel (its torch and torchvision are already on that machine).
+AIRBENCH := airbench==0.1.8
+
+device-wheels: $(STAMP)
+	$(BIN)/python -m pip wheel --quiet --no-deps -w .whl "$(AIRBENCH)"
 
 repro: $(STAMP)
 	$(BIN)/python -m dvc repro

@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # One prepared check for a machine with a CUDA GPU (Python with torch + onnxruntime installed,
 # no internet). Installs this package without dependencies, runs the `gpu`-marked tests, then
-# the GPU training / inference benchmark, then (2+ GPUs) the data-parallel train stage under
-# torchrun with one process per GPU (benchmarks/ddp_check.py). Keep it under 8 minutes.
+# the GPU training / inference benchmark, then our engine against airbench on its own network
+# (benchmarks/vs_airbench.py), then (2+ GPUs) the data-parallel train stage under torchrun with
+# one process per GPU (benchmarks/ddp_check.py). Keep it under 8 minutes.
 #   bash benchmarks/gpu_check.sh [--quick]
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
-# Wheels carried in .whl/ (optuna and its SQL layer) for the search test; see README.
+# Wheels carried in .whl/ (optuna and its SQL layer) for the search test, see README; airbench
+# for vs_airbench.py (`make device-wheels`).
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
     && export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
@@ -27,6 +29,9 @@ tests_rc=${PIPESTATUS[0]}
 echo "== gpu benchmark"
 timeout 300 python3 benchmarks/gpu_train.py "$@"
 bench_rc=$?
+echo "== vs airbench"
+timeout 240 python3 benchmarks/vs_airbench.py "$@"
+airbench_rc=$?
 echo "== ddp train (torchrun, NCCL, one process per visible GPU)"
 gpus=$(python3 -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
 ddp_rc=0
@@ -36,5 +41,5 @@ if [ "${gpus:-0}" -ge 2 ]; then
 else  # NCCL refuses two ranks on one GPU; the CPU (gloo) path is tests/e2e/test_ddp.py
   echo "ddp: skipped, $gpus visible GPU(s); needs 2 or more"
 fi
-echo "gpu tests rc=$tests_rc benchmark rc=$bench_rc ddp rc=$ddp_rc"
-exit $(( tests_rc != 0 || bench_rc != 0 || ddp_rc != 0 ))
+echo "gpu tests rc=$tests_rc benchmark rc=$bench_rc airbench rc=$airbench_rc ddp rc=$ddp_rc"
+exit $(( tests_rc != 0 || bench_rc != 0 || airbench_rc != 0 || ddp_rc != 0 ))

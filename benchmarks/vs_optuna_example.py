@@ -204,6 +204,75 @@ def run_example(template: Path, seed: int, n_trials: int, epochs: int, task: str
     }
 
 
+def bookkeeping(folder: Path, n_trials: int, epochs: int = 5) -> list[dict]:
+    """What a trial's records cost without its training, per trial: the storage calls our
+    objective makes (3 suggestions, 6 user attributes, a report per epoch, the pruner asked at
+    its rungs, TPE and successive halving as configured) on Optuna's in-memory storage (the
+    example's), on our sqlite storage (`pipeline.study.make_storage`: heartbeat, retry of dead
+    trials), and that plus the trial's nested MLflow run (`pipeline.tracking.ChildRun`: params,
+    a batch of per-epoch metrics, closing tags and status)."""
+    import optuna
+
+    from pipeline.config import parse_params
+    from pipeline.study import make_storage
+    from pipeline.tracking import ChildRun, stage_run
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    params = parse_params(
+        {"tracking": {"uri": f"sqlite:///{folder / 'bookkeeping.db'}", "experiment": "b"}}
+    )
+    rows = []
+    for name, storage, tracked in (
+        ("Optuna in memory (the example's)", None, False),
+        ("Optuna sqlite (ours)", f"sqlite:///{folder / 'bookkeeping-optuna.db'}", False),
+        ("Optuna sqlite + MLflow trial run (ours)", f"sqlite:///{folder / 'b2.db'}", True),
+    ):
+        with stage_run("search", params, "sha") as parent:
+
+            def objective(trial, tracked=tracked):
+                lr = trial.suggest_float("lr", 1e-3, 1.0, log=True)
+                trial.suggest_categorical("batch_size", [32, 64, 128])
+                trial.suggest_float("weight_decay", 1e-6, 1e-2, log=True)
+                for key in ("worker", "machine", "device"):
+                    trial.set_user_attr(key, "x")
+                run = (
+                    ChildRun(params, parent.run_id, "t", {"state": "RUNNING"}) if tracked else None
+                )
+                if run is not None:
+                    trial.set_user_attr("mlflow_run_id", run.run_id)
+                    run.log_params(trial.params)
+                for epoch in range(1, epochs + 1):
+                    if run is not None:
+                        run.log_metrics({"train_loss": 1.0, "val_accuracy": lr}, epoch)
+                    trial.report(lr * epoch, epoch)
+                    if epoch in (1, 2, 4):
+                        trial.should_prune()
+                trial.set_user_attr("seconds", 1.0)
+                trial.set_user_attr("epochs_run", epochs)
+                if run is not None:
+                    run.finish("FINISHED", {"state": "COMPLETE"})
+                return lr
+
+            study = optuna.create_study(
+                storage=make_storage(storage) if storage else None,
+                sampler=optuna.samplers.TPESampler(seed=0, multivariate=True, constant_liar=True),
+                pruner=optuna.pruners.SuccessiveHalvingPruner(reduction_factor=2),
+                direction="maximize",
+            )
+            wall, cpu = time.perf_counter(), time.process_time()
+            study.optimize(objective, n_trials=n_trials)
+            wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        rows.append(
+            {
+                "records per trial": name,
+                "ms / trial": 1000 * wall / n_trials,
+                "CPU ms / trial": 1000 * cpu / n_trials,
+                f"s per {n_trials} trials": wall,
+            }
+        )
+    return rows
+
+
 def spread(values: list[float]) -> str:
     return f"{statistics.median(values):.4f} ({min(values):.4f}-{max(values):.4f})"
 
@@ -300,6 +369,10 @@ def main() -> None:
     print(f"machine: {machine()}")
     print(f"{n_trials} trials x up to {epochs} epochs, seeds {' '.join(map(str, args.seeds))}")
     print_table(summary, list(summary[0]))
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = bookkeeping(Path(tmp), n_trials)
+    print(f"\nbookkeeping without training ({n_trials} trials of 5 epochs, this process):")
+    print_table(rows, list(rows[0]))
     print(f"speedup: {totals['example'] / totals['ours']:.2f}x")
 
 
