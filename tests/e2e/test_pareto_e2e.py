@@ -20,7 +20,6 @@ from optuna.trial import TrialState
 
 from pipeline import pareto
 from pipeline.checkpoint import load_checkpoint
-from pipeline.study import GRACE_PERIOD_S
 from tests.conftest import TINY_PARAMS, copy_project, run_module, subprocess_env, write_params
 from tests.e2e.conftest import dvc
 
@@ -86,10 +85,9 @@ def test_kill_9_mid_trial_of_a_pareto_study_then_resume_with_two_workers(tmp_pat
 
     raw["search"]["workers"] = 2  # the same study (workers do not name it), two processes
     write_params(project, raw)
-    # a user re-runs after the heartbeat's grace period: the dead trial is failed and retried
-    # first (re-run sooner, trials stopped in a second each can fill the study before the
-    # heartbeat finds it dead; see the issue note)
-    time.sleep(GRACE_PERIOD_S + 1)
+    # a user re-runs at once, while the dead trial's heartbeat is still fresh: the workers run
+    # trials up to n_trials with it counted as running, wait for its heartbeat to go stale
+    # (GRACE_PERIOD_S), then fail it and run its retry
     rerun = run_module(project, "pipeline.search")
     assert rerun.returncode == 0, rerun.stderr
     study = _load(project)
