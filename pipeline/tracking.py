@@ -185,7 +185,8 @@ def seed_sqlite_store(uri: str) -> Path | None:
     `Default` experiment when it opens the copy, with an artifact location of this project.
     An existing store is never touched (the copy is linked in under the store's name, which
     fails if another process created it first). Returns the path created, or None (store
-    present, not a local SQLite file, or the cache not writable: MLflow then creates it)."""
+    present, not a local SQLite file, or no template to be had, e.g. the cache not writable:
+    MLflow then creates the store itself)."""
     if not uri.startswith("sqlite:///") or "?" in uri:
         return None
     target = Path(uri.removeprefix("sqlite:///"))
@@ -202,7 +203,7 @@ def seed_sqlite_store(uri: str) -> Path | None:
             return None
         finally:
             copy.unlink()
-    except OSError:
+    except Exception:  # an optimisation only: on any failure MLflow creates the store itself
         return None
     return target
 

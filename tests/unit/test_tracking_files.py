@@ -87,3 +87,16 @@ def test_a_new_sqlite_store_is_seeded_from_the_cached_empty_store(tmp_path, monk
     assert seed_sqlite_store(f"sqlite:///{tmp_path / 'a' / 'mlflow.db'}") is None
     assert (tmp_path / "a" / "mlflow.db").read_bytes() == before
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["mlflow.db"]
+
+
+def test_without_a_usable_cache_mlflow_creates_the_store_itself(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    (tmp_path / "not-a-folder").write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "not-a-folder"))
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    params = parse_params({"tracking": {"uri": uri, "experiment": "e"}})
+    with stage_run("train", params, "sha") as run:
+        run.log_params({"x": 1})
+    client = MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name("e").experiment_id])
+    assert [r.data.params["x"] for r in runs] == ["1"]
