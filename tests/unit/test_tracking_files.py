@@ -1,5 +1,6 @@
 import os
 
+import pytest
 from mlflow.tracking import MlflowClient
 
 from pipeline.config import parse_params
@@ -7,6 +8,7 @@ from pipeline.files import atomic_path, write_json
 from pipeline.tracking import stage_run
 
 
+@pytest.mark.integration  # a real MLflow store
 def test_stage_runs_with_other_uris_in_one_process_write_to_their_own_store(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     uris = [f"sqlite:///{tmp_path / name}" for name in ("a.db", "b.db")]
@@ -21,6 +23,7 @@ def test_stage_runs_with_other_uris_in_one_process_write_to_their_own_store(tmp_
         assert [r.data.params["x"] for r in runs] == [uri]
 
 
+@pytest.mark.integration  # a real MLflow store
 def test_resumed_run_records_changed_params_as_tags(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     params = parse_params({"tracking": {"uri": f"sqlite:///{tmp_path / 'm.db'}"}})
@@ -50,6 +53,7 @@ def test_atomic_writes_leave_no_temp_file_and_usual_permissions(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["out.json"]
 
 
+@pytest.mark.integration  # a real MLflow store
 def test_a_new_sqlite_store_is_seeded_from_the_cached_empty_store(tmp_path, monkeypatch):
     """A missing store is a copy of MLflow's empty schema (no migrations per project); MLflow's
     Default experiment is made per project, not copied from the template; stores that exist
@@ -89,6 +93,7 @@ def test_a_new_sqlite_store_is_seeded_from_the_cached_empty_store(tmp_path, monk
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["mlflow.db"]
 
 
+@pytest.mark.integration  # a real MLflow store
 def test_without_a_usable_cache_mlflow_creates_the_store_itself(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     (tmp_path / "not-a-folder").write_text("")

@@ -52,6 +52,7 @@ def test_optunas_rung_pruners_stop_trials_only_at_those_epochs(pruner):
     assert len(set(stopped)) >= 2  # it did stop trials at more than the first rung
 
 
+@pytest.mark.integration  # a real MLflow store
 def test_a_trials_metrics_are_written_in_batches_and_all_arrive(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     params = parse_params(
