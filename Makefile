@@ -33,12 +33,18 @@ bench-deps: $(STAMP)
 		$(VENV)/syne-tune "$(SYNE_TUNE)"
 
 # Wheels the GPU machine lacks (it has no internet), into the git-ignored .whl/ that
-# benchmarks/gpu_check.sh installs: airbench for benchmarks/vs_airbench.py, a pure-Python sdist
-# built into a py3 wheel (its torch and torchvision are already on that machine).
+# benchmarks/gpu_check.sh installs (about 6 MB; carry it: run(carry=[".whl"], ...)): airbench for
+# benchmarks/vs_airbench.py, a pure-Python sdist built into a py3 wheel (its torch and
+# torchvision are already on that machine), and Optuna with its SQL layer, for the GPU search
+# test, as the venv pins them, for that machine's Python 3.12.
 AIRBENCH := airbench==0.1.8
+DEVICE_PY := 3.12
 
 device-wheels: $(STAMP)
 	$(BIN)/python -m pip wheel --quiet --no-deps -w .whl "$(AIRBENCH)"
+	$(BIN)/python -m pip download --quiet --no-deps --only-binary=:all: --python-version \
+		$(DEVICE_PY) -d .whl $$($(BIN)/python -m pip freeze | grep -i -E \
+		'^(optuna|alembic|sqlalchemy|colorlog|mako)==')
 
 repro: $(STAMP)
 	$(BIN)/python -m dvc repro
