@@ -17,7 +17,7 @@ import sys
 COMMANDS = {
     "prepare": "split the dataset into data/prepared/",
     "train": "train the baseline model",
-    "search": "Optuna search over lr / batch size / weight decay, retrain the best",
+    "search": "Optuna search over lr / batch size / weight decay, ship the best trial",
     "search-worker": "run trials of the search stage's study on one more machine",
     "compress": "prune, fine-tune and quantize the tuned model",
     "export": "export ONNX models with metadata, check parity and the GPU, time them",

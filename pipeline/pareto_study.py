@@ -17,7 +17,7 @@ study (`Trial.report` raises), so the rung decisions are taken here, with the ru
   study's storage, so it is the same for any worker, machine or resumed run. A stopped trial
   ends PRUNED.
 - `front` / `select`: the Pareto front of the COMPLETE trials (a stopped trial's final accuracy is
-  unknown); `search.select` picks the trial to retrain and ship: `max_accuracy`, the most
+  unknown); `search.select` picks the trial to ship: `max_accuracy`, the most
   accurate within a cost budget (`latency_budget_ms`, `size_budget_mb`, `macs_budget_m`), or
   the cheapest with val accuracy >= `min_accuracy`. An infeasible budget is a `ConfigError`
   naming the best reachable value.
@@ -180,7 +180,7 @@ def pareto_rows(study, params: Params, selected: int | None) -> list[dict]:
 
 
 def choose_trial(study, params: Params, val_labels, info: dict) -> tuple[FrozenTrial, dict]:
-    """(the trial to retrain, the Pareto record): the best trial of a single-objective study;
+    """(the trial to ship, the Pareto record): the best trial of a single-objective study;
     `search.select` on the front of a Pareto study, with its hypervolume and front size."""
     if params.search.cost is None:
         return study.best_trial, {"selected_trial": None, "n_pareto": None, "hypervolume": None}

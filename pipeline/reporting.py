@@ -108,8 +108,9 @@ def search_summary(m: dict, best_params: dict) -> str:
         f"{m['n_failed']} failed in {m['search_seconds']:.1f}s; best trial {m['best_trial']} val "
         f"{m['best_trial_val_accuracy']:.4f}"
         + ("" if pareto else f" {best_params}")
-        + f", retrained val {m['retrained_val_accuracy']:.4f}; "
-        f"{m['epochs_saved_by_pruning']} epochs saved by early stopping"
+        + f", winner val {m['winner_val_accuracy']:.4f} "
+        + ("(retrained); " if m["winner_retrained"] else "(its trial's model, not retrained); ")
+        + f"{m['epochs_saved_by_pruning']} epochs saved by early stopping"
     ]
     if pareto:
         cost = next(
@@ -127,7 +128,7 @@ def search_summary(m: dict, best_params: dict) -> str:
     if prefix + "difference" in m:
         record = {k: m[prefix + k] for k in ("difference", "low", "high", "n_disagree")}
         lines.append(
-            f"retrained winner vs baseline on val, points [95% CI]: "
+            f"winner vs baseline on val, points [95% CI]: "
             f"{describe_difference(record)}; baseline val {m['baseline_val_accuracy']:.4f}"
         )
     if m["tuned_source"] == "baseline":

@@ -27,10 +27,12 @@ Decisions, all on the val split:
 1. Each trial's objective is the val accuracy of the model it would ship (its last epoch).
 2. A study whose best trial is not above chance level (the Wilson 95 % interval of its val
    accuracy reaches the majority-class share) fails the stage: nothing was learnt.
-3. The chosen trial is retrained exactly as it was scored (its params and architecture,
-   `search.epochs`, the same seed, the trials' torch thread count), so `tuned_val_accuracy`
-   reproduces its val accuracy within noise.
-4. Never ship worse than the user had: the retrained winner and the baseline are compared on
+3. The chosen trial's own model is shipped when this process trained it (kept in memory,
+   `search_study.TrialTrainer`; `winner_retrained: false`); otherwise (another worker or
+   machine trained it, an earlier run, `train.nproc` > 1) it is retrained exactly as it was
+   scored (its params and architecture, `search.epochs`, the same seed, the trials' torch
+   thread count), so `winner_val_accuracy` reproduces its val accuracy within noise.
+4. Never ship worse than the user had: the winner and the baseline are compared on
    the same val images (`pipeline.stats.paired_difference`); when the winner is worse beyond
    the noise (the 95 % interval of the difference lies below 0), `models/tuned.pt` is the
    baseline, `tuned_source: baseline`, and stderr says so (a Pareto search: only when the
@@ -62,6 +64,7 @@ from pipeline.results import write_results
 from pipeline.search_space import trial_params
 from pipeline.search_study import (
     TRIAL_COLUMNS,
+    TrialTrainer,
     run_study,
     snapshot_study,
     summarize,
@@ -82,7 +85,8 @@ PARETO_METRIC_KEYS = ("selected_trial", "n_pareto", "hypervolume")
 
 @dataclass
 class Shipped:
-    """What `models/tuned.pt` holds: the retrained winner, or the baseline when it is better."""
+    """What `models/tuned.pt` holds: the chosen trial's model (kept or retrained), or the
+    baseline when it is better."""
 
     source: str  # "search" | "baseline"
     model: nn.Module
@@ -156,7 +160,8 @@ def run(
     parent_run_id: str | None = None,
     progress: bool = True,
 ) -> SearchOutcome:
-    """Search; retrain the winner as its trial was scored; ship it unless the baseline wins.
+    """Search; the chosen trial's model (its own, or retrained as its trial was scored); ship it
+    unless the baseline wins.
 
     `data`: `load_device_data(params)` when None; `baseline_path`: None (or a missing file)
     compares with no baseline; `parent_run_id`: the MLflow run the trials nest under (None: no
@@ -166,7 +171,8 @@ def run(
     data = data or load_device_data(params)
     name = study_name(params, data.info["sha256"]["all"])
     start = time.perf_counter()
-    study = run_study(params, data, name, parent_run_id, progress)
+    trainer = TrialTrainer(params, data)
+    study = run_study(params, data, name, parent_run_id, progress, trainer)
     search_seconds = time.perf_counter() - start
     if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         raise StageFailed(f"search: no trial of study {name} completed; see studies/trials.csv")
@@ -179,26 +185,32 @@ def run(
     # exactly the trial's recipe: its params and architecture, search.epochs (its OneCycle
     # length), its seed
     recipe = trial_params(params, chosen.params)
-    with trial_threads(params):  # the trials' thread count: the same float sums as its trial
-        retrained = train_recipe(recipe, data, "search", "retrain best")  # train.nproc ranks
-    if retrained.fit.status != "ok":
-        raise StageFailed(f"search: retraining the best params diverged: {retrained.fit.message}")
-    winner = Shipped("search", retrained.model, retrained.arch, recipe, retrained.metrics)
+    # the chosen trial's own model when this process trained it and a retrain would repeat the
+    # same computation (one process: not so with train.nproc > 1); else retrained as scored
+    won = trainer.outcome(recipe) if params.train.nproc <= 1 else None
+    winner_retrained = won is None
+    if winner_retrained:
+        with trial_threads(params):  # the trials' thread count: the same float sums as its trial
+            won = train_recipe(recipe, data, "search", "retrain best")  # train.nproc ranks
+    if won.fit.status != "ok":
+        raise StageFailed(f"search: retraining the best params diverged: {won.fit.message}")
+    winner = Shipped("search", won.model, won.arch, recipe, won.metrics)
     baseline = load_baseline(baseline_path, data)
     if baseline and not pareto_study.baseline_fits(study, baseline.arch, params, data.info):
         baseline = None
     tuned, difference = choose_tuned(winner, baseline, data)
     metrics.update(
         tuned_source=tuned.source,
-        retrained_val_accuracy=retrained.metrics["val_accuracy"],
+        winner_val_accuracy=won.metrics["val_accuracy"],
+        winner_retrained=winner_retrained,
         tuned_val_accuracy=tuned.metrics["val_accuracy"],
         tuned_test_accuracy=tuned.metrics["test_accuracy"],
         baseline_val_accuracy=baseline.metrics.get("val_accuracy") if baseline else None,
         baseline_test_accuracy=baseline.metrics.get("test_accuracy") if baseline else None,
         **(difference.record("search_minus_baseline_val_") if difference else {}),
         search_seconds=round(search_seconds, 2),
-        retrain_seconds=retrained.metrics["train_seconds"],
-        retrain_processes=retrained.metrics["processes"],
+        retrain_seconds=won.metrics["train_seconds"] if winner_retrained else None,
+        retrain_processes=won.metrics["processes"] if winner_retrained else None,
     )
     return SearchOutcome(study, rows, best, tuned, metrics, params)
 

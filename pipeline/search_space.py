@@ -8,8 +8,8 @@
 - `depth` (optional, resnet): a choice of depths.
 
 `trial_params(params, hp)` is the whole recipe a trial trains with (model scaled, train fields
-replaced, `search.epochs` as `train.epochs`): the search stage retrains its chosen trial with
-exactly that, so the checkpoint's config and architecture are the trial's.
+replaced, `search.epochs` as `train.epochs`): the search stage ships its chosen trial's model
+(or retrains it with exactly that), so the checkpoint's config and architecture are the trial's.
 """
 
 from __future__ import annotations

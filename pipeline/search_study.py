@@ -60,17 +60,59 @@ TRIAL_COLUMNS = [
 ]
 
 
-def _trial_trainer(params: Params, data: DeviceData):
+class TrialTrainer:
     """train_fn for the objective: a fresh seeded model of the trial's architecture
-    (`recipe.model`), trained with `recipe.train` by the shared engine."""
-    from pipeline.checkpoint import arch_spec, build_model
+    (`recipe.model`), trained with `recipe.train` by the shared engine.
 
-    def train_fn(recipe: Params, on_epoch):
-        torch.manual_seed(params.seed)
-        model = build_model(arch_spec(recipe, data.info))
-        return fit(model, data, recipe.train, seed=params.seed, on_epoch=on_epoch, progress=False)
+    It keeps the weights (on the CPU) of the trials it trains to the end, up to `KEEP_BYTES`
+    (over it, the lowest val accuracy goes first), so the search stage can ship its chosen
+    trial's own model instead of training it again (`outcome`)."""
 
-    return train_fn
+    KEEP_BYTES = 512 * 2**20
+
+    def __init__(self, params: Params, data: DeviceData, keep: bool = True):
+        """keep: False where no model is shipped (extra workers, search-worker machines)."""
+        self.params, self.data, self.keep = params, data, keep
+        self.kept: dict[str, tuple] = {}  # recipe hash -> (arch, CPU state dict, FitResult, bytes)
+
+    def __call__(self, recipe: Params, on_epoch):
+        from pipeline.checkpoint import arch_spec, build_model
+
+        torch.manual_seed(self.params.seed)
+        arch = arch_spec(recipe, self.data.info)
+        model = build_model(arch)
+        result = fit(
+            model,
+            self.data,
+            recipe.train,
+            seed=self.params.seed,
+            on_epoch=on_epoch,
+            progress=False,
+        )
+        if self.keep and result.status == "ok":  # a stopped trial raised in on_epoch
+            self._keep(recipe.hash(), arch, model, result)
+        return result
+
+    def _keep(self, key: str, arch: dict, model: torch.nn.Module, result) -> None:
+        state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        size = sum(v.numel() * v.element_size() for v in state.values())
+        self.kept[key] = (arch, state, result, size)
+        while sum(k[3] for k in self.kept.values()) > self.KEEP_BYTES:
+            worst = min(self.kept, key=lambda k: self.kept[k][2].val_accuracy)
+            del self.kept[worst]
+
+    def outcome(self, recipe: Params):
+        """The trained model and record of a trial of `recipe` this trainer kept (its test split
+        scored now, for the report), or None."""
+        from pipeline.checkpoint import build_model
+        from pipeline.train import scored
+
+        if recipe.hash() not in self.kept:
+            return None
+        arch, state, result, _ = self.kept[recipe.hash()]
+        model = build_model(arch)
+        model.load_state_dict(state)
+        return scored(model.to(self.data.device), arch, result, recipe.train, self.data)
 
 
 def _worker_threads(workers: int) -> int:
@@ -130,14 +172,21 @@ def _worker_process(raw_params: dict, name: str, parent_run_id, index: int, dead
     torch.set_num_threads(_worker_threads(params.search.workers))
     data = load_device_data(params, index)
     study = load_study(params, name, worker=index)
-    objective = make_objective(params, data, parent_run_id, _trial_trainer(params, data), index)
+    trainer = TrialTrainer(params, data, keep=False)
+    objective = make_objective(params, data, parent_run_id, trainer, index)
     run_worker(study, objective, params.search.n_trials, deadline)
 
 
 def run_study(
-    params: Params, data: DeviceData, name: str, parent_run_id: str | None, progress: bool = True
+    params: Params,
+    data: DeviceData,
+    name: str,
+    parent_run_id: str | None,
+    progress: bool = True,
+    trainer: TrialTrainer | None = None,
 ) -> optuna.Study:
-    """Run the study to `search.n_trials` finished trials with `search.workers` processes."""
+    """Run the study to `search.n_trials` finished trials with `search.workers` processes; this
+    process's trials are trained by `trainer` (a new TrialTrainer when None)."""
     s = params.search
     study = load_study(params, name)
     if parent_run_id:
@@ -157,7 +206,8 @@ def run_study(
             trial_threads(params),
             extra_workers(_worker_process, params, name, parent_run_id, deadline),
         ):
-            objective = make_objective(params, data, parent_run_id, _trial_trainer(params, data))
+            trainer = trainer or TrialTrainer(params, data)
+            objective = make_objective(params, data, parent_run_id, trainer)
             run_worker(study, objective, s.n_trials, deadline, on_progress)
     finally:
         bar.close()

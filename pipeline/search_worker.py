@@ -10,7 +10,7 @@ tracking server every machine reaches).
 Start the search stage (`dvc repro`) on the first machine and this command on the others, in
 any order: it waits up to --wait-s seconds for the study (and its search run) to exist, runs
 trials with `search.workers` processes until the study holds `search.n_trials` finished trials
-(or `search.timeout_s` passes), then exits; the first machine's stage retrains the best trial.
+(or `search.timeout_s` passes), then exits; the first machine's stage ships the best trial.
 Each machine draws its own start-up trials (`PIPELINE_MACHINE_ID`, else the host name and the
 project's folder, seeds its samplers; the stage's seed has no folder in it). A machine that
 dies mid-trial: after the heartbeat's grace period another machine fails its trial, re-runs it
@@ -33,7 +33,7 @@ from pipeline.config import Params, load_params, parse_params
 from pipeline.data import DeviceData, prepare
 from pipeline.engine import resolve_device
 from pipeline.errors import ConfigError, UserError, cli_entry
-from pipeline.search_study import _trial_trainer, _worker_threads, extra_workers
+from pipeline.search_study import TrialTrainer, _worker_threads, extra_workers
 from pipeline.study import (
     FINISHED,
     enqueue_current_params,
@@ -120,7 +120,8 @@ def work(
     study = load_study(params, name, worker=index, joining=True)
     if index == 0:  # once per machine; a second copy in the study ends as `duplicate`
         enqueue_current_params(study, params)
-    objective = make_objective(params, data, parent_run_id, _trial_trainer(params, data), index)
+    trainer = TrialTrainer(params, data, keep=False)  # this machine ships no model
+    objective = make_objective(params, data, parent_run_id, trainer, index)
     run_worker(study, objective, params.search.n_trials, deadline, on_progress)
     return study
 

@@ -72,6 +72,14 @@ def train_and_evaluate(
     result = fit(
         model, data, train_cfg, seed=params.seed, on_epoch=on_epoch, description=description
     )
+    return scored(model, arch, result, train_cfg, data)
+
+
+def scored(
+    model: nn.Module, arch: dict, result: FitResult, train_cfg: TrainConfig, data: DeviceData
+) -> TrainOutcome:
+    """The outcome of a training `fit` returned as `result`: its record, with the test split
+    scored (once, for the report) when it trained to the end."""
     metrics = {"status": result.status, "message": result.message}
     if result.status == "ok":
         val_accuracy = result.val_accuracy  # the engine scored val after the last epoch

@@ -220,9 +220,9 @@ def test_search_retrain_and_compress_fine_tuning_run_in_train_nproc_processes(pr
     search = run_module(prepared, "pipeline.search")
     assert search.returncode == 0, search.stderr
     report = json.loads((prepared / "reports" / "search.json").read_text())
-    assert report["retrain_processes"] == 2
+    assert report["winner_retrained"] is True and report["retrain_processes"] == 2
     # the trial trained in one process, the retrain in two: the same recipe, within 4 images
-    assert abs(report["retrained_val_accuracy"] - report["best_trial_val_accuracy"]) <= 0.015
+    assert abs(report["winner_val_accuracy"] - report["best_trial_val_accuracy"]) <= 0.015
     _, blob = load_checkpoint(prepared / "models" / "tuned.pt")
     assert blob["config"]["train"]["nproc"] == 2
     assert blob["metrics"]["processes"] == 2

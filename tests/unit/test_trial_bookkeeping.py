@@ -5,6 +5,7 @@ import random
 
 import optuna
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 from pipeline import study
@@ -77,3 +78,26 @@ def test_a_trials_metrics_are_written_in_batches_and_all_arrive(tmp_path, monkey
         live.finish("KILLED", {"state": "PRUNED"})  # nothing queued: the tags alone
         assert client.get_run(live.run_id).data.tags["state"] == "PRUNED"
         assert client.get_run(live.run_id).info.status == "KILLED"
+
+
+def test_the_trial_trainer_keeps_the_most_accurate_models_within_its_byte_budget():
+    """What the search stage may ship without retraining: complete trials' weights, on the CPU,
+    the most accurate first when they do not all fit in KEEP_BYTES."""
+    from pipeline.engine import FitResult
+    from pipeline.search_study import TrialTrainer
+
+    def trained(val_accuracy):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(100, 10)  # 1,010 float32 parameters: 4,040 bytes
+        return model, FitResult("ok", "", history=[{"val_accuracy": val_accuracy}])
+
+    trainer = TrialTrainer(parse_params({}), data=None)
+    trainer.KEEP_BYTES = 2 * 4040  # room for two
+    for key, accuracy in [("a", 0.5), ("b", 0.9), ("c", 0.7), ("d", 0.6)]:
+        trainer._keep(key, {}, *trained(accuracy))
+    assert sorted(trainer.kept) == ["b", "c"]
+    model, _ = trained(0.0)
+    arch, state, result, size = trainer.kept["b"]
+    assert size == 4040 and result.val_accuracy == 0.9
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    assert all(v.device.type == "cpu" for v in state.values())
