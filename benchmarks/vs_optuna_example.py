@@ -10,7 +10,8 @@
 - `ours`: `python -m pipeline.search` run as a user runs it, in a fresh copy of a project
   folder (params.yaml and data/prepared/): its sqlite study in studies/optuna.db, MLflow
   tracking into the project's mlflow.db (a parent run, one nested run per trial), the winner
-  retrained, outputs, plots; no baseline model (`models/baseline.pt` absent).
+  shipped (its trial's model; retrained before 2026-11-28 19:30), outputs, plots; no baseline
+  model (`models/baseline.pt` absent).
 
 Wall clock of each whole process, both pinned as the caller pinned this one
 (`taskset -c 1 env OMP_NUM_THREADS=1`); the two sides alternate order per seed. Tasks (both
