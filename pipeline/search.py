@@ -171,7 +171,9 @@ def run(
     data = data or load_device_data(params)
     name = study_name(params, data.info["sha256"]["all"])
     start = time.perf_counter()
-    trainer = TrialTrainer(params, data)
+    # the chosen trial's own model can be shipped when this process trained it and a retrain
+    # would repeat the same computation (one process: not so with train.nproc > 1)
+    trainer = TrialTrainer(params, data, keep=params.train.nproc <= 1)
     study = run_study(params, data, name, parent_run_id, progress, trainer)
     search_seconds = time.perf_counter() - start
     if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
@@ -185,9 +187,7 @@ def run(
     # exactly the trial's recipe: its params and architecture, search.epochs (its OneCycle
     # length), its seed
     recipe = trial_params(params, chosen.params)
-    # the chosen trial's own model when this process trained it and a retrain would repeat the
-    # same computation (one process: not so with train.nproc > 1); else retrained as scored
-    won = trainer.outcome(recipe) if params.train.nproc <= 1 else None
+    won = trainer.outcome(recipe)  # kept by this process; else retrained as scored
     winner_retrained = won is None
     if winner_retrained:
         with trial_threads(params):  # the trials' thread count: the same float sums as its trial

@@ -71,7 +71,8 @@ class TrialTrainer:
     KEEP_BYTES = 512 * 2**20
 
     def __init__(self, params: Params, data: DeviceData, keep: bool = True):
-        """keep: False where no model is shipped (extra workers, search-worker machines)."""
+        """keep: False where no kept model would be shipped (extra workers, search-worker
+        machines, a data-parallel retrain)."""
         self.params, self.data, self.keep = params, data, keep
         self.kept: dict[str, tuple] = {}  # recipe hash -> (arch, CPU state dict, FitResult, bytes)
 
@@ -107,9 +108,10 @@ class TrialTrainer:
         from pipeline.checkpoint import build_model
         from pipeline.train import scored
 
-        if recipe.hash() not in self.kept:
+        kept = self.kept.get(recipe.hash())
+        if kept is None:
             return None
-        arch, state, result, _ = self.kept[recipe.hash()]
+        arch, state, result, _ = kept
         model = build_model(arch)
         model.load_state_dict(state)
         return scored(model.to(self.data.device), arch, result, recipe.train, self.data)
