@@ -452,8 +452,9 @@ class ChildRun:
 
         self._pending: list = []  # metrics not written yet
         self._flushed = time.monotonic()
-        self._client = MlflowClient(tracking_uri=tracking_uri(params))
-        key = (tracking_uri(params), parent_run_id)
+        uri = tracking_uri(params)
+        self._client = MlflowClient(tracking_uri=uri)
+        key = (uri, parent_run_id)
         if key not in ChildRun._experiments:  # the parent's experiment: read once per process
             ChildRun._experiments[key] = self._client.get_run(parent_run_id).info.experiment_id
         all_tags = {MLFLOW_PARENT_RUN_ID: parent_run_id, **{k: str(v) for k, v in tags.items()}}

@@ -100,20 +100,25 @@ def scored(
     return TrainOutcome(model, arch, result, metrics)
 
 
+def _launches(params: Params) -> bool:
+    """True when this process is to start `train.nproc` > 1 ranks under torchrun (it is not
+    one of them already)."""
+    return params.train.nproc > 1 and not distributed.launched()
+
+
 def train_recipe(params: Params, data: DeviceData, stage: str, description: str) -> TrainOutcome:
     """`train_and_evaluate(params, data)`, data-parallel in `params.train.nproc` processes under
     torchrun when that is > 1 and this process is not a rank already (the search's final
     retrain): the ranks (`pipeline.train_job`) train their shards and rank 0 writes the model
     and the record to a temporary checkpoint, read back here; the model comes back on
     `data.device`. A failed rank raises StageFailed naming `stage`."""
-    nproc = params.train.nproc
-    if nproc <= 1 or distributed.launched():
+    if not _launches(params):
         return train_and_evaluate(params, data, params.train, description=description)
     with tempfile.TemporaryDirectory(prefix=f"{stage}-ddp-") as tmp:
         job = Path(tmp)
         write_json(job / "recipe.json", params.to_dict())
         args = (str(job), stage, description)
-        distributed.launch(nproc, "pipeline.train_job", stage, data.device, args)
+        distributed.launch(params.train.nproc, "pipeline.train_job", stage, data.device, args)
         model, blob = load_checkpoint(job / "model.pt")
     record = dict(blob["metrics"])
     fit_result = FitResult(**record.pop("fit"))
@@ -124,7 +129,7 @@ def relaunched(params: Params, stage: str) -> bool:
     """With `train.nproc` > 1 in a process torchrun did not start: run stage `stage`
     (`pipeline.<stage>`) under torchrun in that many processes, wait, and return True (the
     caller returns); False when this process is to do the stage's work itself."""
-    if params.train.nproc <= 1 or distributed.launched():
+    if not _launches(params):
         return False
     load_prepared(paths.PREPARED_DIR)  # a missing dataset: one error here, not one per rank
     device = resolve_device(params.device)
