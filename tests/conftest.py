@@ -5,8 +5,11 @@ from __future__ import annotations
 import copy
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -128,3 +131,27 @@ def run_module(project: Path, module: str, *args: str, env: dict | None = None):
         env=subprocess_env(env),
         timeout=900,
     )
+
+
+def kill_9_when(proc: subprocess.Popen, pick: Callable, timeout_s: float = 300, poll_s=0.05):
+    """SIGKILL `proc` once `pick()` returns something other than None, and return that: what
+    `pick` saw is what the killed process left, because `pick` is asked again with the process
+    stopped (SIGSTOP) and the kill follows only when it still holds (the process is resumed
+    otherwise). Asked once while the process runs, the state could move on before the kill: a
+    trial seen running finished in the few milliseconds between (seen in CI). None when the
+    process ended or `timeout_s` passed first (it is killed then). `pick` must tolerate a
+    store that is being written (return None)."""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline and proc.poll() is None:
+        if pick() is not None:
+            os.kill(proc.pid, signal.SIGSTOP)
+            seen = pick()
+            if seen is not None:
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait()
+                return seen
+            os.kill(proc.pid, signal.SIGCONT)
+        time.sleep(poll_s)
+    proc.kill()  # past the deadline; a no-op on a process that ended
+    proc.wait()
+    return None

@@ -14,7 +14,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 
 import optuna
 import pytest
@@ -22,7 +21,14 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from pipeline.study import is_skipped, open_storage
-from tests.conftest import TINY_PARAMS, copy_project, run_module, subprocess_env, write_params
+from tests.conftest import (
+    TINY_PARAMS,
+    copy_project,
+    kill_9_when,
+    run_module,
+    subprocess_env,
+    write_params,
+)
 from tests.servers import mlflow_server, postgres_cluster, postgres_missing
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -198,22 +204,25 @@ def test_a_machine_killed_mid_trial_is_retried_by_another_and_its_run_fails(serv
         stderr=subprocess.PIPE,
         text=True,
     )
-    killed, study, rdb = None, None, None
-    deadline = time.time() + 240
-    while killed is None and time.time() < deadline and worker.poll() is None:
+    study, rdb = None, None
+
+    def mid_trial_on_second():  # a trial of the second machine between two of its epochs
+        nonlocal study, rdb
         try:  # one storage for every poll: a new one per poll held a connection each, and
             # PostgreSQL ran out of connection slots
             study = study or _study(rdb := rdb or open_storage(storage))
             trials = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
         except (ValueError, KeyError):  # no study yet
-            trials = []
-        for t in trials:
-            on_second = t.user_attrs.get("machine") == _machine_id(second)
-            if on_second and len(t.intermediate_values) in range(1, 4):
-                os.kill(worker.pid, signal.SIGKILL)  # mid-trial: between two epochs
-                killed = t.number
-                break
-        time.sleep(0.1)
+            return None
+        on_second = [
+            t.number
+            for t in trials
+            if t.user_attrs.get("machine") == _machine_id(second)
+            and len(t.intermediate_values) in range(1, 4)
+        ]
+        return on_second[0] if on_second else None
+
+    killed = kill_9_when(worker, mid_trial_on_second, timeout_s=240, poll_s=0.1)
     worker.wait(timeout=30)
     _, stage_err = stage.communicate(timeout=400)
     assert killed is not None, "the worker never ran a trial it could be killed in"

@@ -3,7 +3,6 @@
 import csv
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -24,7 +23,7 @@ from pipeline.reporting import search_summary
 from pipeline.study import reconcile_stale_runs, study_name
 from pipeline.tracking import ChildRun, stage_run
 from pipeline.train import train_and_evaluate
-from tests.conftest import copy_project, run_module, subprocess_env, write_params
+from tests.conftest import copy_project, kill_9_when, run_module, subprocess_env, write_params
 
 
 def _params(tmp_path, tiny_params, **search_overrides):
@@ -257,24 +256,20 @@ def test_kill_9_mid_trial_then_rerun_finishes_exactly_n_trials(tmp_path, tiny_pa
         stderr=subprocess.DEVNULL,
     )
     storage = f"sqlite:///{project / 'studies' / 'optuna.db'}"
-    deadline = time.time() + 300
-    killed_during = None
-    while time.time() < deadline and proc.poll() is None:
+
+    def mid_trial():  # a running trial with an epoch reported, after 3 finished ones
         try:
             names = optuna.get_all_study_names(storage)
             trials = (
                 optuna.load_study(study_name=names[0], storage=storage).trials if names else []
             )
-        except Exception:  # the database is being created
-            trials = []
+        except Exception:  # the database is being created or written
+            return None
         finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
-        running = [t for t in trials if t.state == TrialState.RUNNING]
-        if len(finished) >= 3 and running and running[0].intermediate_values:
-            os.kill(proc.pid, signal.SIGKILL)
-            killed_during = running[0].number
-            break
-        time.sleep(0.05)
-    proc.wait()
+        running = [t for t in trials if t.state == TrialState.RUNNING and t.intermediate_values]
+        return running[0].number if len(finished) >= 3 and running else None
+
+    killed_during = kill_9_when(proc, mid_trial)
     assert killed_during is not None, "the search ended before it could be killed"
     rerun = run_module(project, "pipeline.search")
     assert rerun.returncode == 0, rerun.stderr
