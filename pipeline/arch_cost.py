@@ -7,7 +7,8 @@ search (`search.objectives: [accuracy, latency | size | macs]`).
   the provider the export stage will use (`CUDAExecutionProvider` when `device` allows it and
   it runs, else the CPU with `benchmarking.THREADS` intra-op thread), at `search.latency_batch`
   images per run: `ROUNDS` rounds of `RUNS` runs after `WARMUP` warm-up runs, p50 = the median
-  of the round medians, spread = their range (`champion.summarize_latency`). Also its MACs and
+  of the round medians, spread = their range (without the highest and the lowest from
+  `champion.TRIM_FROM` rounds on; `champion.summarize_latency`). Also its MACs and
   parameters (Torch-Pruning's counter, as the compress stage counts) and its ONNX file size.
 - `study_cost(study, arch, params, info)`: the same numbers, read from the study when any worker
   or an earlier run of this study has measured this architecture (a study user attribute

@@ -100,7 +100,7 @@ def model_card(manifest: dict) -> str:
         f"{bench['runs_per_round']} runs per variant (and at least {bench['min_round_s'] * 1e3:g} "
         f"ms) after {bench['warmup_runs']} warm-up runs; "
         f"CPU sessions pinned to {bench['cpu_threads']} intra-op thread(s). p50 is the median of "
-        f"the round medians, spread their range.",
+        f"the round medians, spread their range without the highest and the lowest.",
         f"- Recommendation: {manifest['recommendation']}.",
         "",
         "## Compression path",

@@ -36,7 +36,8 @@ def test_identical_export_runs_leave_one_version_and_the_same_champion(e2e_proje
     manifest = json.loads((project / "exported_models" / "manifest.json").read_text())
     hashes.append({e["name"]: e["sha256"] for e in manifest["variants"]})
     again, versions = _registry(project)
-    assert versions == [int(champion.version)] and again.version == champion.version
+    why = [line for line in output.splitlines() if "@champion" in line]  # the stage's verdict
+    assert versions == [int(champion.version)] and again.version == champion.version, why
     assert again.tags["sha256"] == champion.tags["sha256"]
     assert again.tags["sha256"] in hashes[-1].values()  # the same file, exported again
     if manifest["recommended"] == again.tags["name"]:  # the card of the run that confirmed
