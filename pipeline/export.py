@@ -32,7 +32,8 @@ once, after them, for the report (`test_accuracy` beside `val_accuracy` in the m
 4. Latency (`pipeline.benchmarking`): the variants timed in interleaved rounds, CPU threads
    pinned; the recommendation and the registry's `champion` alias follow `pipeline.champion`
    (faster only beyond the measured spread; ties to the smaller file; the alias moves only
-   for a variant better beyond noise; one registry version per file sha256).
+   for a variant 20 % faster than the champion, beyond noise; one registry version per file
+   sha256).
 5. Test accuracy of every variant (ONNX Runtime CPU), once, written into its metadata last;
    then `MODEL_CARD.md` (`pipeline.model_card`), also the champion version's description.
 """
