@@ -7,11 +7,8 @@ from __future__ import annotations
 import copy
 import csv
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 
 import optuna
 import torch
@@ -20,7 +17,14 @@ from optuna.trial import TrialState
 
 from pipeline import pareto
 from pipeline.checkpoint import load_checkpoint
-from tests.conftest import TINY_PARAMS, copy_project, run_module, subprocess_env, write_params
+from tests.conftest import (
+    TINY_PARAMS,
+    copy_project,
+    kill_9_when,
+    run_module,
+    subprocess_env,
+    write_params,
+)
 from tests.e2e.conftest import dvc
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -64,23 +68,19 @@ def test_kill_9_mid_trial_of_a_pareto_study_then_resume_with_two_workers(tmp_pat
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    deadline, killed = time.time() + 300, None
-    while time.time() < deadline and proc.poll() is None:
-        trials = _trials_or_none(project)
+
+    def late_in_a_trial():
         # past rung 16, with epochs to go (the params.yaml trial, first at every rung, is
         # never stopped): a window of 40 epochs, wide enough on a fast machine too
         running = [
-            t
-            for t in trials
+            t.number
+            for t in _trials_or_none(project)
             if t.state == TrialState.RUNNING
             and 16 < len(t.user_attrs.get("val_accuracy_by_epoch") or []) <= epochs - 4
         ]
-        if running:
-            os.kill(proc.pid, signal.SIGKILL)
-            killed = running[0].number
-            break
-        time.sleep(0.05)
-    proc.wait()
+        return running[0] if running else None
+
+    killed = kill_9_when(proc, late_in_a_trial)
     assert killed is not None, "the search ended before it could be killed"
 
     raw["search"]["workers"] = 2  # the same study (workers do not name it), two processes
