@@ -19,8 +19,10 @@ def test_second_repro_runs_nothing_and_a_param_change_reruns_train_only(e2e_proj
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["train"]["epochs"] = 2
     write_params(project, params)
-    output = dvc(project, "repro")
-    assert "Running stage 'train'" in output and "Running stage 'prepare'" not in output
+    # up to train: the stages after it follow in the next test's repro (one re-run of them)
+    output = dvc(project, "repro", "train")
+    ran = [line for line in output.splitlines() if line.startswith("Running stage")]
+    assert ran == ["Running stage 'train':"], output
     assert json.loads((project / "reports" / "train.json").read_text())["epochs"] == 2
 
 
