@@ -10,10 +10,9 @@ microseconds got a spread that changed from one export run to the next, and with
 recommendation (30 identical runs of the test project's four variants: two different
 recommendations with 1 run per round, one with 20 ms rounds). CPU sessions are pinned to `THREADS`
 intra-op threads. Each variant gets `champion.summarize_latency` (p50 = median of the round
-medians, p95, spread = range of the round medians
-without the highest and the lowest) and its throughput at
-`export.benchmark_batch` (`onnx_tools.throughput`). `settings(params)` is what the manifest and
-the model card record: these numbers and the machine.
+medians, p95, spread = range of the round medians without the highest and the lowest) and its
+throughput at `export.benchmark_batch` (`onnx_tools.throughput`). `settings(params)` is what the
+manifest and the model card record: these numbers and the machine.
 """
 
 from __future__ import annotations

@@ -5,11 +5,12 @@ over latencies that carry their own noise (no timing here; see `onnx_tools.inter
   as `latency_ms_p50_b1` (the median of the round medians), `latency_ms_p95_b1` (over every
   run) and `latency_spread_ms`: how far the same variant moved between rounds on this machine,
   the range of the round medians without the highest and the lowest one (from `TRIM_FROM`
-  rounds on). The full range let one slow round decide: in a CI export run a slow spell hit
-  the first round of every variant (fp32 0.016 against 0.010-0.011 ms in the other four), the
-  spreads grew to 0.006-0.012 ms, every variant tied, and the smallest file, int8 at 1.6x the
-  p50 of fp32, was recommended and made champion; the next identical run measured int8 beaten
-  beyond noise and moved the alias.
+  rounds on). The full range let one slow round decide: in 2 of 21 identical export runs of
+  the test project a slow spell hit the first round of three variants (fp32 0.016 against
+  0.010-0.011 ms in its other four rounds), the spreads grew to 0.006-0.012 ms, all four
+  variants tied, and the smallest file, int8 at 1.6x the p50 of fp32, was recommended. A CI
+  run made it champion that way, and the next identical run measured it beaten beyond noise
+  and moved the alias.
 - `faster(a, b)`: `a` is faster than `b` only when `b`'s p50 exceeds `a`'s by more than the
   larger of the two spreads and by at least `MIN_GAIN` of `b`'s p50; otherwise neither is. The
   spread is measured within one run, and identical runs drift by more than it: the test
