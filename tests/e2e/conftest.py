@@ -4,6 +4,7 @@ Tests that change the copy (params, a second repro) must run last: they are coll
 `test_zz_*.py` files, or restore what they change.
 """
 
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -26,6 +27,11 @@ def dvc(project, *args, stdout_only: bool = False):
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc.stdout if stdout_only else proc.stdout + proc.stderr
+
+
+def stages_run(output: str) -> list[str]:
+    """The stages a `dvc repro` ran, in order, from its output's "Running stage 'name':" lines."""
+    return re.findall(r"^Running stage '([^']+)':", output, flags=re.MULTILINE)
 
 
 @pytest.fixture(scope="session")

@@ -25,7 +25,7 @@ from tests.conftest import (
     subprocess_env,
     write_params,
 )
-from tests.e2e.conftest import dvc
+from tests.e2e.conftest import dvc, stages_run
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
@@ -167,8 +167,7 @@ def test_dvc_repro_with_a_latency_budget_ships_the_most_accurate_front_trial_wit
     # the study resumes: no new trial, the chosen one retrained (compress and export, which
     # read only models/tuned.pt, are the single-objective e2e project's)
     output = dvc(project, "repro", "search")
-    ran = [line for line in output.splitlines() if line.startswith("Running stage")]
-    assert ran == ["Running stage 'search':"], output
+    assert stages_run(output) == ["search"], output
     study = _load(project)
     assert sum(t.state in FINISHED for t in study.trials) == 6
     fits = {n: p for n, p in complete.items() if p[1] <= budget}

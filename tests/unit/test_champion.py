@@ -41,7 +41,8 @@ def test_summarize_latency_takes_the_median_of_round_medians_and_their_middle_ra
 
 
 # the round medians (ms) of an export run of the test project in which a slow spell hit the
-# first round of every variant; the sizes are the variants' (bytes)
+# first round of three variants (fp16's first round came after it); the sizes are the
+# variants' (bytes)
 SLOW_FIRST_ROUND = {
     "fp32": ([0.016, 0.0106, 0.0105, 0.0101, 0.0105], 35660),
     "pruned_fp32": ([0.0168, 0.0117, 0.0114, 0.0111, 0.0114], 23484),
